@@ -1,0 +1,27 @@
+"""rmsprop_jax: exact, composable RMSProp-family gradient transformations for JAX and optax.
+
+The public surface is listed in ``__all__``; everything else is private.
+"""
+
+from rmsprop_jax import presets as presets
+from rmsprop_jax._alias import rmsprop as rmsprop
+from rmsprop_jax._bias_correction import BiasCorrectionState as BiasCorrectionState
+from rmsprop_jax._bias_correction import bias_correction as bias_correction
+from rmsprop_jax._centered import ScaleByCenteredRmsState as ScaleByCenteredRmsState
+from rmsprop_jax._centered import scale_by_centered_rms as scale_by_centered_rms
+from rmsprop_jax._rms import ScaleByRmsState as ScaleByRmsState
+from rmsprop_jax._rms import scale_by_rms as scale_by_rms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiasCorrectionState",
+    "ScaleByCenteredRmsState",
+    "ScaleByRmsState",
+    "__version__",
+    "bias_correction",
+    "presets",
+    "rmsprop",
+    "scale_by_centered_rms",
+    "scale_by_rms",
+]

@@ -1,0 +1,164 @@
+"""The ``rmsprop`` alias: a scaling transform, a learning rate and optional momentum."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from rmsprop_jax import _momentum, _validation
+from rmsprop_jax._centered import scale_by_centered_rms
+from rmsprop_jax._rms import scale_by_rms
+from rmsprop_jax._validation import Schedule
+
+
+def learning_rate_and_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: jax.typing.ArrayLike | None,
+    *,
+    nesterov: bool,
+    learning_rate_in_momentum: bool,
+    momentum_dtype: jax.typing.DTypeLike | None,
+    learning_rate_name: str = "learning_rate",
+) -> list[optax.GradientTransformation]:
+    """The tail of every RMSProp chain: ``-learning_rate`` and the momentum buffer.
+
+    With ``learning_rate_in_momentum`` the buffer accumulates ``lr * v`` (optax,
+    TF1, Keras, Graves); otherwise it accumulates ``v`` and the learning rate
+    multiplies the buffer (PyTorch). The two differ once the learning rate changes
+    over time. ``momentum=None`` or a Python ``0``/``0.0`` allocates no buffer
+    (as the frameworks do); a momentum given as an array (e.g. by
+    ``optax.inject_hyperparams``) always has one, so the state's layout never
+    depends on a traced value.
+    """
+    _validation.check_scalar(learning_rate_name, learning_rate, low=0.0, allow_schedule=True)
+    _validation.check_bool("nesterov", nesterov)
+    _validation.check_bool("learning_rate_in_momentum", learning_rate_in_momentum)
+    scale = optax.scale_by_learning_rate(learning_rate)
+    if momentum is None or _validation.is_python_zero(momentum):
+        if nesterov:
+            raise ValueError("`nesterov=True` needs a `momentum`, got momentum=" f"{momentum!r}.")
+        return [scale]
+    buffer = _momentum.trace(momentum, nesterov=nesterov, trace_dtype=momentum_dtype)
+    return [scale, buffer] if learning_rate_in_momentum else [buffer, scale]
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float | jax.Array | Schedule = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    centered: bool = False,
+    momentum: jax.typing.ArrayLike | None = None,
+    nesterov: bool = False,
+    eps_in_sqrt: bool = True,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    bias_correction: bool = False,
+    learning_rate_in_momentum: bool = True,
+    nu_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    momentum_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RMSProp with every common variant behind flags.
+
+    The chain is :func:`scale_by_rms` (or :func:`scale_by_centered_rms` when
+    ``centered``), then the learning rate :math:`\eta_t` and, when ``momentum``
+    is given, a momentum buffer with :math:`\beta` = ``momentum``:
+
+    .. math::
+
+        v_t &= g_t / \sqrt{\hat\nu_t + \epsilon} \quad\text{(see the scaling transforms)}, \\
+        m_t &= \beta\, m_{t-1} + \eta_t v_t, \qquad
+        \Delta\theta_t = -m_t
+        \quad\text{(learning\_rate\_in\_momentum, the default)}, \\
+        m_t &= \beta\, m_{t-1} + v_t, \qquad
+        \Delta\theta_t = -\eta_t m_t \quad\text{(otherwise, as in PyTorch)}.
+
+    With ``nesterov`` the step uses :math:`v_t + \beta m_t` (times
+    :math:`\eta_t` where it applies) in place of :math:`m_t`. Without momentum
+    :math:`\Delta\theta_t = -\eta_t v_t`.
+
+    For every configuration that ``optax.rmsprop`` has (the defaults here match
+    its defaults and its learning-rate placement) the trajectories agree to
+    float32 rounding, except where optax returns NaN (a negative centered
+    variance) and at the first step of ``centered=True, bias_correction=True``,
+    which optax scales by :math:`1/\sqrt{\epsilon}`; see
+    :func:`scale_by_centered_rms`.
+
+    Args:
+      learning_rate: :math:`\eta \ge 0`, or an optax schedule of the step count.
+      decay: :math:`\rho` in [0, 1], or a schedule (see :func:`scale_by_rms`).
+      eps: :math:`\epsilon \ge 0`.
+      centered: divide by the variance instead of the second moment.
+      momentum: :math:`\beta` in [0, 1), or ``None`` for no momentum buffer.
+      nesterov: Nesterov momentum (needs ``momentum``).
+      eps_in_sqrt: ``eps`` inside the root (True) or added to it (False).
+      initial_scale: initial value of :math:`\nu`, :math:`\ge 0`.
+      bias_correction: divide the moments by :math:`1 - \prod_{i \le t} \rho_i`.
+      learning_rate_in_momentum: where :math:`\eta_t` enters, as above.
+      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy of
+        :mod:`rmsprop_jax._numerics`.
+      mu_dtype: dtype of :math:`\mu` (centered only).
+      momentum_dtype: dtype of the momentum buffer.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``).
+
+    Raises:
+      ValueError: a hyperparameter is out of range, not a scalar, or of the
+        wrong type; ``nesterov`` without ``momentum``; ``mu_dtype`` without
+        ``centered``.
+
+    References:
+      Tieleman & Hinton, `Lecture 6.5 - rmsprop
+      <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+
+      Graves, `Generating Sequences With Recurrent Neural Networks
+      <https://arxiv.org/abs/1308.0850>`_, 2013.
+
+    Example:
+      Minimise :math:`\theta^2` for a few steps:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import rmsprop_jax
+      >>> tx = rmsprop_jax.rmsprop(learning_rate=0.1, momentum=0.5)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(20):
+      ...     grads = jax.grad(lambda p: jnp.sum(p**2))(params)
+      ...     updates, state = tx.update(grads, state)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.all(jnp.abs(params) < 0.5))
+      True
+    """
+    _validation.check_bool("centered", centered)
+    if centered:
+        scaling = scale_by_centered_rms(
+            decay,
+            eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            bias_correction=bias_correction,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        )
+    else:
+        if mu_dtype is not None:
+            raise ValueError(f"`mu_dtype` applies only with `centered=True`, got {mu_dtype!r}.")
+        scaling = scale_by_rms(
+            decay,
+            eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            bias_correction=bias_correction,
+            nu_dtype=nu_dtype,
+        )
+    tail = learning_rate_and_momentum(
+        learning_rate,
+        momentum,
+        nesterov=nesterov,
+        learning_rate_in_momentum=learning_rate_in_momentum,
+        momentum_dtype=momentum_dtype,
+    )
+    return optax.chain(scaling, *tail)

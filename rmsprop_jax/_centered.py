@@ -1,0 +1,183 @@
+"""Centered RMSProp: scaling by the root of a moving estimate of the gradient's variance."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _numerics, _validation
+from rmsprop_jax._validation import Schedule
+
+
+class ScaleByCenteredRmsState(NamedTuple):
+    """State of :func:`scale_by_centered_rms`; the same fields whatever the flags."""
+
+    count: jax.Array
+    """Shape ``()``, int32: updates applied so far."""
+    decay_product: jax.Array
+    r"""Shape ``()``, float32 (float64 with x64): :math:`\prod_{i \le t} \rho_i`, 1 at init."""
+    mu: optax.Updates
+    """Like the parameters (complex stays complex), dtype per the dtype policy: EMA of g."""
+    nu: optax.Updates
+    r"""Like the parameters, real, dtype per the dtype policy: the EMA of :math:`|g|^2`."""
+
+
+def scale_by_centered_rms(
+    decay: float | jax.Array | Schedule = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    eps_in_sqrt: bool = True,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    bias_correction: bool = False,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Divides each gradient by the root of a moving estimate of its variance.
+
+    With :math:`\rho_t` the ``decay`` of update :math:`t`, :math:`P_t =
+    \prod_{i \le t} \rho_i` and :math:`\epsilon` the ``eps``:
+
+    .. math::
+
+        \mu_t &= \rho_t\, \mu_{t-1} + (1 - \rho_t)\, g_t, \qquad \mu_0 = 0, \\
+        \nu_t &= \rho_t\, \nu_{t-1} + (1 - \rho_t)\, |g_t|^2, \qquad
+        \nu_0 = \mathrm{initial\_scale}, \\
+        (\hat\mu_t, \hat\nu_t) &= \begin{cases}
+            (\mu_t, \nu_t) / (1 - P_t) & \text{if bias\_correction} \\
+            (\mu_t, \nu_t) & \text{otherwise} \end{cases} \\
+        \sigma^2_t &= \begin{cases}
+            \hat\nu_t & \text{if the estimate holds one sample} \\
+            \max(\hat\nu_t - |\hat\mu_t|^2,\ 0) & \text{otherwise} \end{cases} \\
+        u_t &= \frac{g_t}{\sqrt{\sigma^2_t + \epsilon}} \ \text{(eps\_in\_sqrt)}
+        \qquad\text{or}\qquad u_t = \frac{g_t}{\sqrt{\sigma^2_t} + \epsilon}.
+
+    **The clamp.** In floating point :math:`\hat\nu_t - |\hat\mu_t|^2` comes out
+    negative when gradients are nearly constant; the root of a negative number is
+    NaN in PyTorch, Keras and optax. Here the variance is clamped at zero.
+
+    **One sample.** The estimate holds a single gradient sample, so that
+    :math:`\hat\nu_t - |\hat\mu_t|^2 = 0` whatever the gradient, when the newest
+    gradient's weight is 1: at the first update with ``bias_correction`` (where
+    optax divides by :math:`\sqrt{\epsilon}`, a factor :math:`10^4` for the default
+    ``eps``), and at every update whose decay is 0. On those updates the
+    uncentered second moment :math:`\hat\nu_t` takes the variance's place, which
+    bounds the update by :math:`|u_t| \le 1` elementwise (for ``initial_scale=0``),
+    as for :func:`scale_by_rms`. Without bias correction the zero
+    initialisation of :math:`\mu` already gives a positive estimate,
+    :math:`\rho_1(1 - \rho_1) g_1^2`, at the first update.
+
+    Finite gradients give finite updates for every setting, ``eps=0`` included;
+    see :mod:`rmsprop_jax._numerics` for the exact rules and the dtype policy.
+
+    .. warning::
+       With a constant gradient the variance is 0 and the update is
+       :math:`g/\sqrt{\epsilon}`: the centered variant needs a larger ``eps`` than
+       the plain one (Graves 2013 uses :math:`10^{-4}`, the DQN agent 0.01).
+
+    Args:
+      decay: :math:`\rho`, in [0, 1], or a schedule: a function of the number of
+        updates already applied (0 at the first update) returning :math:`\rho_t`.
+      eps: :math:`\epsilon \ge 0`.
+      eps_in_sqrt: add ``eps`` inside the root (True) or to the root (False).
+      initial_scale: :math:`\nu_0 \ge 0`.
+      bias_correction: divide both moments by :math:`1 - P_t`.
+      mu_dtype: dtype of :math:`\mu`; ``None`` applies the dtype policy.
+      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is
+      :class:`ScaleByCenteredRmsState`.
+
+    Raises:
+      ValueError: a hyperparameter is out of range or not a scalar, or a dtype
+        argument is not a floating dtype; at update time, when the updates do not
+        have the structure and shapes of the state.
+
+    References:
+      Graves, `Generating Sequences With Recurrent Neural Networks
+      <https://arxiv.org/abs/1308.0850>`_, 2013, eqs. (38)-(41).
+
+      Mnih et al., `Human-level control through deep reinforcement learning
+      <https://www.nature.com/articles/nature14236>`_, Nature 518, 2015.
+
+    Example:
+      Gradients 1 then 3 with ``decay=0.5``, ``eps=0``: :math:`\mu_2 = 1.75`,
+      :math:`\nu_2 = 4.75`, variance :math:`4.75 - 1.75^2 = 1.6875`, so the second
+      update is :math:`3/\sqrt{1.6875} = 2.3094\ldots`:
+
+      >>> import jax.numpy as jnp
+      >>> import rmsprop_jax
+      >>> tx = rmsprop_jax.scale_by_centered_rms(decay=0.5, eps=0.0)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> _, state = tx.update(jnp.array([1.0]), state)
+      >>> updates, state = tx.update(jnp.array([3.0]), state)
+      >>> print(f"{float(updates[0]):.4f}")
+      2.3094
+    """
+    _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
+    _validation.check_scalar("eps", eps, low=0.0)
+    _validation.check_scalar("initial_scale", initial_scale, low=0.0)
+    _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
+    _validation.check_bool("bias_correction", bias_correction)
+    mu_dtype = _validation.resolve_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
+
+    def init_fn(params: optax.Params) -> ScaleByCenteredRmsState:
+        def mu_leaf(param: jax.Array) -> jax.Array:
+            dtype = _numerics.state_dtype(jnp.result_type(param), mu_dtype, real=False)
+            return jnp.zeros(jnp.shape(param), dtype)
+
+        def nu_leaf(param: jax.Array) -> jax.Array:
+            dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
+            return jnp.full(jnp.shape(param), initial_scale, dtype)
+
+        return ScaleByCenteredRmsState(
+            count=jnp.zeros([], jnp.int32),
+            decay_product=jnp.ones([], _numerics.counter_dtype()),
+            mu=jax.tree.map(mu_leaf, params),
+            nu=jax.tree.map(nu_leaf, params),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByCenteredRmsState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, ScaleByCenteredRmsState]:
+        del params
+        _validation.check_updates_match(updates, state.nu, "nu")
+        step = _numerics.decay_step(decay, state.count, state.decay_product)
+        one_sample = step.rho == 0
+        if bias_correction:
+            one_sample = one_sample | (step.previous_product == 1)
+
+        def leaf(
+            g: jax.Array, mu: jax.Array, nu: jax.Array
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype)
+            g_wide = _numerics.widen(g, dtype)
+            rho = step.rho.astype(dtype)
+            new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
+            new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
+            mu_hat, nu_hat = new_mu, new_nu
+            if bias_correction:
+                mu_hat = _numerics.debias(new_mu, step.product)
+                nu_hat = _numerics.debias(new_nu, step.product)
+            second_moment = jnp.where(
+                one_sample, nu_hat, _numerics.variance(nu_hat, mu_hat)
+            )
+            denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
+            return (
+                _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),
+                _numerics.saturating_cast(new_mu, mu.dtype),
+                _numerics.saturating_cast(new_nu, nu.dtype),
+            )
+
+        updates, mu, nu = _numerics.map_unzip(leaf, 3, updates, state.mu, state.nu)
+        return updates, ScaleByCenteredRmsState(
+            count=step.count, decay_product=step.product, mu=mu, nu=nu
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,58 @@
+"""Heavy-ball and Nesterov momentum that follows the package's dtype policy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _numerics, _validation
+
+
+def trace(
+    decay: jax.typing.ArrayLike,
+    *,
+    nesterov: bool = False,
+    trace_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Momentum :math:`m_t = \beta m_{t-1} + v_t`, returning :math:`m_t` or
+    :math:`v_t + \beta m_t` (Nesterov).
+
+    The arithmetic is that of ``optax.trace``; this version exists because optax
+    keeps the trace in the parameter dtype (``float16`` for ``float16``
+    parameters) and returns updates in the promoted dtype, while this package keeps
+    statistics per its dtype policy and returns updates in the gradient dtype.
+    The state is an ``optax.TraceState``.
+    """
+    _validation.check_scalar("momentum", decay, low=0.0, high=1.0, high_inclusive=False)
+    _validation.check_bool("nesterov", nesterov)
+    trace_dtype = _validation.resolve_dtype("momentum_dtype", trace_dtype)
+
+    def init_fn(params: optax.Params) -> optax.TraceState:
+        def zeros(param: jax.Array) -> jax.Array:
+            dtype = _numerics.state_dtype(jnp.result_type(param), trace_dtype, real=False)
+            return jnp.zeros(jnp.shape(param), dtype)
+
+        return optax.TraceState(trace=jax.tree.map(zeros, params))
+
+    def update_fn(
+        updates: optax.Updates, state: optax.TraceState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.TraceState]:
+        del params
+        _validation.check_updates_match(updates, state.trace, "trace")
+
+        def leaf(v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            dtype = _numerics.compute_dtype(v.dtype, m.dtype)
+            v_wide = _numerics.widen(v, dtype)
+            beta = jnp.asarray(decay, dtype)
+            new_m = v_wide + beta * _numerics.widen(m, dtype)
+            update = v_wide + beta * new_m if nesterov else new_m
+            return (
+                _numerics.saturating_cast(update, v.dtype),
+                _numerics.saturating_cast(new_m, m.dtype),
+            )
+
+        updates, new_trace = _numerics.map_unzip(leaf, 2, updates, state.trace)
+        return updates, optax.TraceState(trace=new_trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,181 @@
+r"""Numerical building blocks shared by every transform; each choice lives here once.
+
+.. _dtype-policy:
+
+Dtype policy
+------------
+This is the one place the policy is written; every ``*_dtype`` argument refers here.
+
+* **State.** A statistic (``nu``, ``mu``, a momentum trace) of a parameter whose
+  dtype is ``float16`` or ``bfloat16`` is kept in ``float32`` by default
+  (``*_dtype=None``); for any other parameter it is kept in the parameter's own
+  precision. A ``*_dtype`` argument overrides this for every leaf, e.g.
+  ``nu_dtype=jnp.bfloat16`` halves the state's memory. ``nu`` is always real (it
+  holds :math:`|g|^2`); ``mu`` and the momentum trace of a complex parameter stay
+  complex, with at least the requested precision.
+* **Arithmetic.** Each leaf is computed in the widest of its gradient's precision,
+  its state's precision and ``float32``: 16-bit state or gradients are widened to
+  ``float32`` for the arithmetic and only rounded when stored.
+* **Results.** Updates come back in the dtype of the incoming gradients and the
+  state in its own dtype. Narrowing casts saturate at the largest finite value of
+  the target dtype instead of overflowing to infinity (a ``float16`` gradient of 10
+  divided by :math:`\sqrt{\epsilon} = 10^{-4}` is :math:`10^5`, beyond ``float16``).
+
+Finite in, finite out
+---------------------
+With finite gradients and finite state no function here returns a NaN or an
+infinity:
+
+* the variance :math:`\nu - |\mu|^2` is clamped at zero before its root, since
+  rounding makes it negative when gradients are nearly constant;
+* a division whose denominator is exactly zero (only possible with ``eps=0``)
+  returns zero: a zero gradient gets a zero update (:math:`0/0`), and so does a
+  gradient whose square underflows to zero or, in the centered variant, a
+  gradient equal to its running mean;
+* bias correction with no sample absorbed yet (:math:`1 - \prod_i \rho_i = 0`)
+  divides by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def state_dtype(param_dtype: Any, requested: np.dtype | None, *, real: bool) -> np.dtype:
+    """The dtype of a statistic of a parameter of dtype ``param_dtype``.
+
+    Args:
+      param_dtype: the parameter's dtype.
+      requested: a resolved ``*_dtype`` argument, or ``None`` for the default.
+      real: whether the statistic is real even for a complex parameter (``nu``).
+
+    Returns:
+      The dtype described in the module's dtype policy.
+    """
+    param_dtype = jnp.dtype(param_dtype)
+    is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
+    precision = jnp.finfo(param_dtype).dtype  # the real dtype of the same precision
+    if requested is not None:
+        precision = requested
+    elif precision in _HALF:
+        precision = jnp.dtype(jnp.float32)
+    if is_complex and not real:
+        return jnp.promote_types(precision, jnp.complex64)
+    return jnp.dtype(precision)
+
+
+def compute_dtype(*dtypes: Any) -> np.dtype:
+    """The real dtype the arithmetic of one leaf runs in (at least ``float32``)."""
+    real = [jnp.finfo(d).dtype for d in dtypes]
+    return jnp.dtype(jnp.result_type(jnp.float32, *real))
+
+
+def widen(x: jax.Array, real_dtype: np.dtype) -> jax.Array:
+    """Casts ``x`` to ``real_dtype``, or to its complex counterpart if ``x`` is complex."""
+    if jnp.iscomplexobj(x):
+        return x.astype(jnp.promote_types(real_dtype, jnp.complex64))
+    return x.astype(real_dtype)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """:math:`|x|^2`, real for complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
+
+
+def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
+    r"""One step of an exponential moving average, :math:`\rho\,old + (1 - \rho)\,new`."""
+    return rho * old + (1 - rho) * new
+
+
+def debias(moment: jax.Array, decay_product: jax.Array) -> jax.Array:
+    r"""Bias correction :math:`m / (1 - \prod_i \rho_i)`; identity while the product is 1."""
+    correction = 1 - decay_product
+    return moment / jnp.where(correction > 0, correction, 1).astype(moment.dtype)
+
+
+def variance(nu: jax.Array, mu: jax.Array) -> jax.Array:
+    r"""The centered second moment :math:`\max(\nu - |\mu|^2, 0)`."""
+    return jnp.maximum(nu - abs_sq(mu), 0)
+
+
+def denominator(second_moment: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
+    r""":math:`\sqrt{v + \epsilon}` if ``eps_in_sqrt`` else :math:`\sqrt{v} + \epsilon`."""
+    if eps_in_sqrt:
+        return jnp.sqrt(second_moment + eps)
+    return jnp.sqrt(second_moment) + eps
+
+
+def safe_divide(numerator: jax.Array, denom: jax.Array) -> jax.Array:
+    """``numerator / denom``, and zero where ``denom`` is exactly zero."""
+    denom = denom.astype(numerator.dtype)
+    positive = denom != 0
+    return jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0)
+
+
+def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """Casts ``x`` to ``dtype``, clipping at its largest finite value when narrowing."""
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if jnp.iscomplexobj(x):
+        if not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"cannot cast complex {x.dtype} to real {dtype}")
+        real = jnp.finfo(dtype).dtype
+        return jax.lax.complex(
+            saturating_cast(x.real, real), saturating_cast(x.imag, real)
+        )
+    if jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -big, big)
+    return x.astype(dtype)
+
+
+def counter_dtype() -> np.dtype:
+    """The dtype of scalar decay products: float64 when x64 is enabled, else float32."""
+    return jnp.dtype(jnp.result_type(float))
+
+
+class DecayStep(NamedTuple):
+    """The decay applied at one update and the bookkeeping around it."""
+
+    rho: jax.Array  # the decay of this update, a scalar
+    count: jax.Array  # updates applied including this one (int32)
+    product: jax.Array  # prod of all decays applied, this one included
+    previous_product: jax.Array  # the same product before this update
+
+
+def decay_step(
+    decay: float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike],
+    count: jax.Array,
+    product: jax.Array,
+) -> DecayStep:
+    """Evaluates ``decay`` (a number or a schedule of the updates already applied)."""
+    rho = decay(count) if callable(decay) else decay
+    rho = jnp.asarray(rho).astype(product.dtype)
+    return DecayStep(
+        rho=rho,
+        count=optax.safe_increment(count),
+        product=product * rho,
+        previous_product=product,
+    )
+
+
+def map_unzip(
+    fn: Callable[..., tuple[Any, ...]], n_outputs: int, tree: Any, *rest: Any
+) -> tuple[Any, ...]:
+    """Maps ``fn`` over the leaves of ``tree`` and ``rest``; returns ``n_outputs`` trees."""
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [treedef.flatten_up_to(other) for other in rest]
+    outputs = [fn(*args) for args in zip(leaves, *others)]
+    columns = list(zip(*outputs)) if outputs else [()] * n_outputs
+    return tuple(treedef.unflatten(list(column)) for column in columns)

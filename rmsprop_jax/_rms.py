@@ -1,0 +1,144 @@
+"""RMSProp's scaling by the root of a moving average of squared gradients."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _numerics, _validation
+from rmsprop_jax._validation import Schedule
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms`; the same fields whatever the flags."""
+
+    count: jax.Array
+    """Shape ``()``, int32: updates applied so far."""
+    decay_product: jax.Array
+    r"""Shape ``()``, float32 (float64 with x64): :math:`\prod_{i \le t} \rho_i`, 1 at init."""
+    nu: optax.Updates
+    r"""Like the parameters, real, dtype per the dtype policy: the EMA of :math:`|g|^2`."""
+
+
+def scale_by_rms(
+    decay: float | jax.Array | Schedule = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    eps_in_sqrt: bool = True,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    bias_correction: bool = False,
+    nu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Divides each gradient by the root of a moving average of its square.
+
+    With :math:`\rho_t` the ``decay`` of update :math:`t` and :math:`\epsilon`
+    the ``eps``:
+
+    .. math::
+
+        \nu_0 &= \mathrm{initial\_scale}, \qquad
+        \nu_t = \rho_t\, \nu_{t-1} + (1 - \rho_t)\, |g_t|^2, \\
+        \hat\nu_t &= \begin{cases}
+            \nu_t / (1 - \prod_{i \le t} \rho_i) & \text{if bias\_correction} \\
+            \nu_t & \text{otherwise} \end{cases} \\
+        u_t &= \frac{g_t}{\sqrt{\hat\nu_t + \epsilon}} \ \text{(eps\_in\_sqrt)}
+        \qquad\text{or}\qquad u_t = \frac{g_t}{\sqrt{\hat\nu_t} + \epsilon}.
+
+    The bias correction uses the running product of the decays actually applied,
+    so it stays exact when ``decay`` is a schedule or is changed through
+    ``optax.inject_hyperparams``; for a constant decay it is :math:`1 - \rho^t`.
+    With ``initial_scale`` not zero the correction is the conventional one (the
+    initial value's weight :math:`\prod_i \rho_i` is not subtracted), as in optax.
+
+    Updates are returned without a learning rate or sign; chain
+    ``optax.scale_by_learning_rate`` (or use :func:`rmsprop_jax.rmsprop`).
+    Finite gradients give finite updates for every setting, ``eps=0`` included;
+    see :mod:`rmsprop_jax._numerics` for the exact rules and the dtype policy.
+
+    .. warning::
+       Frameworks differ: PyTorch and Caffe put ``eps`` outside the root, Keras,
+       TF1 and Lasagne inside; TF1 starts ``nu`` at 1. :mod:`rmsprop_jax.presets`
+       sets these for you.
+
+    Args:
+      decay: :math:`\rho`, in [0, 1], or a schedule: a function of the number of
+        updates already applied (0 at the first update) returning :math:`\rho_t`.
+      eps: :math:`\epsilon \ge 0`.
+      eps_in_sqrt: add ``eps`` inside the root (True) or to the root (False).
+      initial_scale: :math:`\nu_0 \ge 0`.
+      bias_correction: divide :math:`\nu_t` by :math:`1 - \prod_{i \le t} \rho_i`.
+      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`ScaleByRmsState`.
+
+    Raises:
+      ValueError: a hyperparameter is out of range or not a scalar, or
+        ``nu_dtype`` is not a floating dtype; at update time, when the updates do
+        not have the structure and shapes of the state.
+
+    References:
+      Tieleman & Hinton, `Lecture 6.5 - rmsprop, COURSERA: Neural Networks for
+      Machine Learning <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+
+      Kingma & Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2014 (bias correction).
+
+    Example:
+      With a unit gradient, ``decay=0.9`` and ``eps=0`` the first update is
+      :math:`1/\sqrt{0.1} = 3.16227\ldots`:
+
+      >>> import jax.numpy as jnp
+      >>> import rmsprop_jax
+      >>> tx = rmsprop_jax.scale_by_rms(decay=0.9, eps=0.0)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> updates, state = tx.update({"w": jnp.ones(2)}, state)
+      >>> print(updates["w"].round(4))
+      [3.1623 3.1623]
+    """
+    _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
+    _validation.check_scalar("eps", eps, low=0.0)
+    _validation.check_scalar("initial_scale", initial_scale, low=0.0)
+    _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
+    _validation.check_bool("bias_correction", bias_correction)
+    nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
+
+    def init_fn(params: optax.Params) -> ScaleByRmsState:
+        def nu_leaf(param: jax.Array) -> jax.Array:
+            dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
+            return jnp.full(jnp.shape(param), initial_scale, dtype)
+
+        return ScaleByRmsState(
+            count=jnp.zeros([], jnp.int32),
+            decay_product=jnp.ones([], _numerics.counter_dtype()),
+            nu=jax.tree.map(nu_leaf, params),
+        )
+
+    def update_fn(
+        updates: optax.Updates, state: ScaleByRmsState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByRmsState]:
+        del params
+        _validation.check_updates_match(updates, state.nu, "nu")
+        step = _numerics.decay_step(decay, state.count, state.decay_product)
+
+        def leaf(g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+            dtype = _numerics.compute_dtype(g.dtype, nu.dtype)
+            g_wide = _numerics.widen(g, dtype)
+            new_nu = _numerics.ema(
+                nu.astype(dtype), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
+            )
+            nu_hat = _numerics.debias(new_nu, step.product) if bias_correction else new_nu
+            denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
+            update = _numerics.safe_divide(g_wide, denom)
+            return (
+                _numerics.saturating_cast(update, g.dtype),
+                _numerics.saturating_cast(new_nu, nu.dtype),
+            )
+
+        updates, nu = _numerics.map_unzip(leaf, 2, updates, state.nu)
+        return updates, ScaleByRmsState(count=step.count, decay_product=step.product, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
