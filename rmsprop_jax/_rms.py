@@ -96,8 +96,8 @@ def scale_by_rms(
       >>> tx = rmsprop_jax.scale_by_rms(decay=0.9, eps=0.0)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> updates, state = tx.update({"w": jnp.ones(2)}, state)
-      >>> print(updates["w"].round(4))
-      [3.1623 3.1623]
+      >>> print(f"{float(updates['w'][0]):.4f}")
+      3.1623
     """
     _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
     _validation.check_scalar("eps", eps, low=0.0)

@@ -1,0 +1,32 @@
+"""Strict settings for every test, and the shared ``maybe_jit`` fixture.
+
+* Dtype promotion is strict and rank promotion raises, so the library never
+  relies on an implicit promotion or broadcast.
+* Warnings are errors (``filterwarnings = error`` in ``pyproject.toml``).
+* Hypothesis: the ``ci`` profile (the default) runs a fixed, derandomized
+  number of examples with no deadline, since the first call of each test compiles.
+"""
+
+import os
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "60")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "jit"])
+def maybe_jit(request):
+    """Runs a test once eagerly and once under ``jax.jit``."""
+    return jax.jit if request.param else (lambda fn: fn)
