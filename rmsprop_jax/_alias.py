@@ -36,7 +36,7 @@ def learning_rate_and_momentum(
     scale = optax.scale_by_learning_rate(learning_rate)
     if momentum is None or _validation.is_python_zero(momentum):
         if nesterov:
-            raise ValueError("`nesterov=True` needs a `momentum`, got momentum=" f"{momentum!r}.")
+            raise ValueError(f"`nesterov=True` needs a `momentum`, got momentum={momentum!r}.")
         return [scale]
     buffer = _momentum.trace(momentum, nesterov=nesterov, trace_dtype=momentum_dtype)
     return [scale, buffer] if learning_rate_in_momentum else [buffer, scale]

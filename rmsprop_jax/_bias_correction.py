@@ -43,9 +43,10 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
       :math:`\hat\epsilon_t = \epsilon/\sqrt{1-P_t}` when ``eps`` is outside the
       root, and with :math:`\hat\epsilon_t = \epsilon/(1-P_t)` when it is inside.
 
-    For :func:`scale_by_centered_rms` the same holds as long as the flag's
-    one-sample rule does not apply (it replaces the variance by the second moment
-    at the first update).
+    After :func:`scale_by_centered_rms` it is **not** the flag: the chain gives
+    :math:`g/\sqrt{(\nu_t - |\mu_t|^2)/(1-P_t)}`, while the flag debiases both
+    moments, :math:`g/\sqrt{\nu_t/(1-P_t) - |\mu_t|^2/(1-P_t)^2}`; the two agree
+    only as :math:`P_t \to 0`.
 
     Args:
       decay: the :math:`\rho` of the transform it corrects, in [0, 1], or a

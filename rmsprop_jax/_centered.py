@@ -165,9 +165,7 @@ def scale_by_centered_rms(
             if bias_correction:
                 mu_hat = _numerics.debias(new_mu, step.product)
                 nu_hat = _numerics.debias(new_nu, step.product)
-            second_moment = jnp.where(
-                one_sample, nu_hat, _numerics.variance(nu_hat, mu_hat)
-            )
+            second_moment = jnp.where(one_sample, nu_hat, _numerics.variance(nu_hat, mu_hat))
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
                 _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),

@@ -131,9 +131,7 @@ def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"cannot cast complex {x.dtype} to real {dtype}")
         real = jnp.finfo(dtype).dtype
-        return jax.lax.complex(
-            saturating_cast(x.real, real), saturating_cast(x.imag, real)
-        )
+        return jax.lax.complex(saturating_cast(x.real, real), saturating_cast(x.imag, real))
     if jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
         big = float(jnp.finfo(dtype).max)
         x = jnp.clip(x, -big, big)

@@ -81,8 +81,10 @@ def scale_by_rms(
         not have the structure and shapes of the state.
 
     References:
-      Tieleman & Hinton, `Lecture 6.5 - rmsprop, COURSERA: Neural Networks for
-      Machine Learning <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+      Tieleman & Hinton, `Lecture 6.5 - rmsprop, COURSERA: Neural Networks
+      for Machine Learning
+      <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_,
+      2012.
 
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2014 (bias correction).

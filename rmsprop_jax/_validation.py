@@ -56,9 +56,7 @@ def check_scalar(
     ):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     if np.ndim(value) != 0:
-        raise ValueError(
-            f"`{name}` must be a scalar, got an array of shape {np.shape(value)}."
-        )
+        raise ValueError(f"`{name}` must be a scalar, got an array of shape {np.shape(value)}.")
     number = concrete_value(value)
     if number is None:
         return
