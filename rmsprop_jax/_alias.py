@@ -3,12 +3,54 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _momentum, _validation
+from rmsprop_jax import _momentum, _numerics, _validation
 from rmsprop_jax._centered import scale_by_centered_rms
 from rmsprop_jax._rms import scale_by_rms
 from rmsprop_jax._validation import Schedule
+
+
+def _scale_by_learning_rate(
+    learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
+    """Multiplies updates by ``-learning_rate`` (a number, an array or a schedule).
+
+    The arithmetic and state of ``optax.scale_by_learning_rate``; rewritten because
+    optax multiplies by an *array* learning rate (as ``optax.inject_hyperparams``
+    passes it) without a cast, which promotes 16-bit and complex updates. Here the
+    product is taken in the widened dtype and cast back (saturating) to the
+    update's dtype, per the dtype policy.
+    """
+    scheduled = callable(learning_rate)
+
+    def init_fn(params: optax.Params) -> optax.ScaleByScheduleState | optax.EmptyState:
+        del params
+        if scheduled:
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.ScaleByScheduleState | optax.EmptyState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, optax.ScaleByScheduleState | optax.EmptyState]:
+        del params
+        if scheduled:
+            eta = learning_rate(state.count)
+            state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+        else:
+            eta = learning_rate
+
+        def scale(update: jax.Array) -> jax.Array:
+            wide = _numerics.widen(update, _numerics.compute_dtype(update.dtype))
+            product = wide * (-jnp.asarray(eta).astype(wide.dtype))
+            return _numerics.saturating_cast(_numerics.clip_finite(product), update.dtype)
+
+        return jax.tree.map(scale, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def learning_rate_and_momentum(
@@ -33,7 +75,7 @@ def learning_rate_and_momentum(
     _validation.check_scalar(learning_rate_name, learning_rate, low=0.0, allow_schedule=True)
     _validation.check_bool("nesterov", nesterov)
     _validation.check_bool("learning_rate_in_momentum", learning_rate_in_momentum)
-    scale = optax.scale_by_learning_rate(learning_rate)
+    scale = _scale_by_learning_rate(learning_rate)
     if momentum is None or _validation.is_python_zero(momentum):
         if nesterov:
             raise ValueError(f"`nesterov=True` needs a `momentum`, got momentum={momentum!r}.")

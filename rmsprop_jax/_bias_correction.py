@@ -99,7 +99,8 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
 
         def scale(update: jax.Array) -> jax.Array:
             dtype = _numerics.compute_dtype(update.dtype)
-            wide = _numerics.widen(update, dtype) * factor.astype(dtype)
+            wide = _numerics.widen(update, dtype)
+            wide = wide * factor.astype(wide.dtype)
             return _numerics.saturating_cast(wide, update.dtype)
 
         return jax.tree.map(scale, updates), BiasCorrectionState(

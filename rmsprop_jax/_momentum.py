@@ -44,9 +44,9 @@ def trace(
         def leaf(v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(v.dtype, m.dtype)
             v_wide = _numerics.widen(v, dtype)
-            beta = jnp.asarray(decay, dtype)
-            new_m = v_wide + beta * _numerics.widen(m, dtype)
-            update = v_wide + beta * new_m if nesterov else new_m
+            beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)
+            new_m = _numerics.clip_finite(v_wide + beta * _numerics.widen(m, dtype))
+            update = _numerics.clip_finite(v_wide + beta * new_m) if nesterov else new_m
             return (
                 _numerics.saturating_cast(update, v.dtype),
                 _numerics.saturating_cast(new_m, m.dtype),

@@ -32,8 +32,17 @@ infinity:
   returns zero: a zero gradient gets a zero update (:math:`0/0`), and so does a
   gradient whose square underflows to zero or, in the centered variant, a
   gradient equal to its running mean;
+* a quotient, momentum sum or learning-rate product whose exact value lies beyond
+  the dtype's range (e.g. :math:`g/\epsilon` with a tiny ``eps`` outside the
+  root) saturates at the largest finite value instead of becoming infinite;
 * bias correction with no sample absorbed yet (:math:`1 - \prod_i \rho_i = 0`)
   divides by one.
+
+Non-finite gradients are not masked: a NaN gradient makes its elements of
+``nu`` (and ``mu``) NaN for good, and an infinite one makes ``nu`` infinite; the
+other elements, the count and the decay bookkeeping are unaffected. To skip such
+steps wrap the optimizer in ``optax.apply_if_finite``, which leaves the state
+untouched on a non-finite step.
 """
 
 from __future__ import annotations
@@ -68,20 +77,31 @@ def state_dtype(param_dtype: Any, requested: np.dtype | None, *, real: bool) -> 
     elif precision in _HALF:
         precision = jnp.dtype(jnp.float32)
     if is_complex and not real:
-        return jnp.promote_types(precision, jnp.complex64)
+        return complex_dtype(precision)
     return jnp.dtype(precision)
+
+
+# The two helpers below pick dtypes by precision instead of calling
+# ``jnp.result_type``/``jnp.promote_types``: those follow the user's promotion mode
+# and refuse float16/bfloat16 with float32, or float32 with complex64, under
+# ``jax_numpy_dtype_promotion="strict"``.
+
+
+def complex_dtype(real_dtype: Any) -> np.dtype:
+    """The complex dtype holding at least the precision of ``real_dtype``."""
+    return jnp.dtype(jnp.complex128 if jnp.finfo(real_dtype).bits > 32 else jnp.complex64)
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:
     """The real dtype the arithmetic of one leaf runs in (at least ``float32``)."""
-    real = [jnp.finfo(d).dtype for d in dtypes]
-    return jnp.dtype(jnp.result_type(jnp.float32, *real))
+    real = [jnp.dtype(jnp.float32), *(jnp.finfo(d).dtype for d in dtypes)]
+    return jnp.dtype(max(real, key=lambda d: jnp.finfo(d).bits))
 
 
 def widen(x: jax.Array, real_dtype: np.dtype) -> jax.Array:
     """Casts ``x`` to ``real_dtype``, or to its complex counterpart if ``x`` is complex."""
     if jnp.iscomplexobj(x):
-        return x.astype(jnp.promote_types(real_dtype, jnp.complex64))
+        return x.astype(complex_dtype(real_dtype))
     return x.astype(real_dtype)
 
 
@@ -94,6 +114,8 @@ def abs_sq(x: jax.Array) -> jax.Array:
 
 def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
     r"""One step of an exponential moving average, :math:`\rho\,old + (1 - \rho)\,new`."""
+    if jnp.iscomplexobj(old):
+        rho = rho.astype(old.dtype)  # a real rho times a complex mean is a promotion
     return rho * old + (1 - rho) * new
 
 
@@ -116,10 +138,18 @@ def denominator(second_moment: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> 
 
 
 def safe_divide(numerator: jax.Array, denom: jax.Array) -> jax.Array:
-    """``numerator / denom``, and zero where ``denom`` is exactly zero."""
+    """``numerator / denom``, zero where ``denom`` is exactly zero, saturated at the range."""
     denom = denom.astype(numerator.dtype)
     positive = denom != 0
-    return jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0)
+    return clip_finite(jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0))
+
+
+def clip_finite(x: jax.Array) -> jax.Array:
+    """Clips ``x`` (each part, if complex) to the finite range of its own dtype."""
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(clip_finite(x.real), clip_finite(x.imag))
+    big = float(jnp.finfo(x.dtype).max)
+    return jnp.clip(x, -big, big)
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:

@@ -60,6 +60,8 @@ def check_scalar(
     number = concrete_value(value)
     if number is None:
         return
+    if not math.isfinite(number) and not math.isnan(number):
+        raise ValueError(f"`{name}` must be finite, got {number!r}.")
     right = "]" if high_inclusive else ")"
     inside = low <= number <= high if high_inclusive else low <= number < high
     if not inside:

@@ -34,6 +34,7 @@ import optax
 from rmsprop_jax import _validation
 from rmsprop_jax._alias import learning_rate_and_momentum
 from rmsprop_jax._centered import scale_by_centered_rms
+from rmsprop_jax._complex import split_real_and_imaginary
 from rmsprop_jax._rms import scale_by_rms
 
 __all__ = ["caffe", "dqn2015", "graves2013", "keras", "lasagne", "pytorch", "sonnet2", "tf1"]
@@ -128,7 +129,7 @@ def pytorch(
             if _validation.is_python_zero(weight_decay)
             else optax.add_decayed_weights(weight_decay)
         ),
-        optax.contrib.split_real_and_imaginary(per_real_value),
+        split_real_and_imaginary(per_real_value),
     )
 
 
@@ -257,8 +258,8 @@ def sonnet2(
 ) -> optax.GradientTransformation:
     r"""Sonnet 2's ``snt.optimizers.RMSProp`` (``sonnet/src/optimizers/rmsprop.py``, Sonnet 2.0).
 
-    The update of :func:`tf1` (Sonnet calls the same kernels) with the
-    accumulator starting at **zero**.
+    The update of :func:`tf1` (Sonnet's ``rmsprop_update`` writes the same
+    arithmetic in TensorFlow ops) with the accumulator starting at **zero**.
 
     First step for a unit gradient with the defaults:
     :math:`\eta / \sqrt{0.1 + 10^{-10}} = 3.1622777\,\eta`.
