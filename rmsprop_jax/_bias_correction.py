@@ -17,8 +17,9 @@ class BiasCorrectionState(NamedTuple):
 
     count: jax.Array
     """Shape ``()``, int32: updates applied so far."""
-    decay_product: jax.Array
-    r"""Shape ``()``, float32 (float64 with x64): :math:`\prod_{i \le t} \rho_i`, 1 at init."""
+    total_weight: jax.Array
+    r"""Shape ``()``, float32 (float64 with x64): the total weight of the averaged
+    samples, :math:`1 - \prod_{i \le t} \rho_i` (0 at init), the bias correction's divisor."""
 
 
 def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.GradientTransformation:
@@ -84,7 +85,7 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
         del params
         return BiasCorrectionState(
             count=jnp.zeros([], jnp.int32),
-            decay_product=jnp.ones([], _numerics.counter_dtype()),
+            total_weight=jnp.zeros([], _numerics.counter_dtype()),
         )
 
     def update_fn(
@@ -93,9 +94,11 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, BiasCorrectionState]:
         del params
-        step = _numerics.decay_step(decay, state.count, state.decay_product)
-        # sqrt(1 - P) = 1 / sqrt(debias(1, P)): the zero-correction rule lives in debias.
-        factor = jax.lax.rsqrt(_numerics.debias(jnp.ones_like(step.product), step.product))
+        step = _numerics.decay_step(decay, state.count, state.total_weight)
+        # sqrt(w) = 1 / sqrt(debias(1, w)): the no-sample rule lives in debias.
+        factor = jax.lax.rsqrt(
+            _numerics.debias(jnp.ones_like(step.total_weight), step.total_weight)
+        )
 
         def scale(update: jax.Array) -> jax.Array:
             dtype = _numerics.compute_dtype(update.dtype)
@@ -104,7 +107,7 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
             return _numerics.saturating_cast(wide, update.dtype)
 
         return jax.tree.map(scale, updates), BiasCorrectionState(
-            count=step.count, decay_product=step.product
+            count=step.count, total_weight=step.total_weight
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

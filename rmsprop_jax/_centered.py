@@ -17,8 +17,9 @@ class ScaleByCenteredRmsState(NamedTuple):
 
     count: jax.Array
     """Shape ``()``, int32: updates applied so far."""
-    decay_product: jax.Array
-    r"""Shape ``()``, float32 (float64 with x64): :math:`\prod_{i \le t} \rho_i`, 1 at init."""
+    total_weight: jax.Array
+    r"""Shape ``()``, float32 (float64 with x64): the total weight of the averaged
+    samples, :math:`1 - \prod_{i \le t} \rho_i` (0 at init), the bias correction's divisor."""
     mu: optax.Updates
     """Like the parameters (complex stays complex), dtype per the dtype policy: EMA of g."""
     nu: optax.Updates
@@ -136,7 +137,7 @@ def scale_by_centered_rms(
 
         return ScaleByCenteredRmsState(
             count=jnp.zeros([], jnp.int32),
-            decay_product=jnp.ones([], _numerics.counter_dtype()),
+            total_weight=jnp.zeros([], _numerics.counter_dtype()),
             mu=jax.tree.map(mu_leaf, params),
             nu=jax.tree.map(nu_leaf, params),
         )
@@ -148,10 +149,10 @@ def scale_by_centered_rms(
     ) -> tuple[optax.Updates, ScaleByCenteredRmsState]:
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
-        step = _numerics.decay_step(decay, state.count, state.decay_product)
+        step = _numerics.decay_step(decay, state.count, state.total_weight)
         one_sample = step.rho == 0
         if bias_correction:
-            one_sample = one_sample | (step.previous_product == 1)
+            one_sample = one_sample | (step.previous_total_weight == 0)
 
         def leaf(
             g: jax.Array, mu: jax.Array, nu: jax.Array
@@ -163,8 +164,8 @@ def scale_by_centered_rms(
             new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
             mu_hat, nu_hat = new_mu, new_nu
             if bias_correction:
-                mu_hat = _numerics.debias(new_mu, step.product)
-                nu_hat = _numerics.debias(new_nu, step.product)
+                mu_hat = _numerics.debias(new_mu, step.total_weight)
+                nu_hat = _numerics.debias(new_nu, step.total_weight)
             second_moment = jnp.where(one_sample, nu_hat, _numerics.variance(nu_hat, mu_hat))
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
@@ -175,7 +176,7 @@ def scale_by_centered_rms(
 
         updates, mu, nu = _numerics.map_unzip(leaf, 3, updates, state.mu, state.nu)
         return updates, ScaleByCenteredRmsState(
-            count=step.count, decay_product=step.product, mu=mu, nu=nu
+            count=step.count, total_weight=step.total_weight, mu=mu, nu=nu
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -17,8 +17,9 @@ class ScaleByRmsState(NamedTuple):
 
     count: jax.Array
     """Shape ``()``, int32: updates applied so far."""
-    decay_product: jax.Array
-    r"""Shape ``()``, float32 (float64 with x64): :math:`\prod_{i \le t} \rho_i`, 1 at init."""
+    total_weight: jax.Array
+    r"""Shape ``()``, float32 (float64 with x64): the total weight of the averaged
+    samples, :math:`1 - \prod_{i \le t} \rho_i` (0 at init), the bias correction's divisor."""
     nu: optax.Updates
     r"""Like the parameters, real, dtype per the dtype policy: the EMA of :math:`|g|^2`."""
 
@@ -115,7 +116,7 @@ def scale_by_rms(
 
         return ScaleByRmsState(
             count=jnp.zeros([], jnp.int32),
-            decay_product=jnp.ones([], _numerics.counter_dtype()),
+            total_weight=jnp.zeros([], _numerics.counter_dtype()),
             nu=jax.tree.map(nu_leaf, params),
         )
 
@@ -124,7 +125,7 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState]:
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
-        step = _numerics.decay_step(decay, state.count, state.decay_product)
+        step = _numerics.decay_step(decay, state.count, state.total_weight)
 
         def leaf(g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, nu.dtype)
@@ -132,7 +133,7 @@ def scale_by_rms(
             new_nu = _numerics.ema(
                 nu.astype(dtype), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
             )
-            nu_hat = _numerics.debias(new_nu, step.product) if bias_correction else new_nu
+            nu_hat = _numerics.debias(new_nu, step.total_weight) if bias_correction else new_nu
             denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
             update = _numerics.safe_divide(g_wide, denom)
             return (
@@ -141,6 +142,6 @@ def scale_by_rms(
             )
 
         updates, nu = _numerics.map_unzip(leaf, 2, updates, state.nu)
-        return updates, ScaleByRmsState(count=step.count, decay_product=step.product, nu=nu)
+        return updates, ScaleByRmsState(count=step.count, total_weight=step.total_weight, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

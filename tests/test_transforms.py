@@ -156,7 +156,7 @@ def test_scaling_matches_float64_reference(
         if centered:
             np.testing.assert_allclose(np.asarray(state.mu[k]), mu[k], rtol=2e-5, atol=1e-7)
     assert int(state.count) == STEPS
-    np.testing.assert_allclose(float(state.decay_product), product, rtol=1e-5)
+    np.testing.assert_allclose(float(state.total_weight), 1 - product, rtol=1e-5)
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -404,7 +404,7 @@ def test_bias_correction_factor_closed_form():
 def test_state_layout_is_fixed_and_nothing_retraces(tx):
     params = {"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4), jnp.zeros(())]}
     state = tx.init(params)
-    assert state._fields[:2] == ("count", "decay_product")
+    assert state._fields[:2] == ("count", "total_weight")
     chex.assert_trees_all_equal_shapes_and_dtypes(state.nu, params)
     chex.clear_trace_counter()
     update = jax.jit(chex.assert_max_traces(tx.update, n=1))
@@ -433,3 +433,19 @@ def test_public_surface_is_importable_and_documented():
         doc = getattr(rmsprop_jax.presets, name).__doc__
         for section in ("References:", "Example:", "First step for a unit gradient"):
             assert section in doc, f"presets.{name} lacks {section}"
+
+
+def test_bias_correction_keeps_relative_precision_when_decay_is_close_to_one():
+    # With rho = 1 - 2**-10 (exact in float32), 1 - rho^t is tiny for small t; the
+    # float64 closed form g / sqrt(nu_t / (1 - rho^t)) must hold to a few float32
+    # ulps, which 1 - (product in float32) would miss by ~1e-5.
+    rho = 1 - 2.0**-10
+    grads = [np.array([0.5, -2.0, 3.0], np.float32), np.array([1.5, 0.25, -1.0], np.float32)]
+    tx = rmsprop_jax.scale_by_rms(rho, 0.0, bias_correction=True)
+    state = tx.init(jnp.zeros(3))
+    nu = np.zeros(3)
+    for t, g in enumerate(grads, start=1):
+        u, state = tx.update(jnp.asarray(g), state)
+        nu = rho * nu + (1 - rho) * g.astype(np.float64) ** 2
+        np.testing.assert_allclose(np.asarray(u), g / np.sqrt(nu / (1 - rho**t)), rtol=1e-6)
+    np.testing.assert_allclose(float(state.total_weight), 1 - rho**2, rtol=1e-7)
