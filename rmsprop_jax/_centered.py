@@ -129,11 +129,11 @@ def scale_by_centered_rms(
     def init_fn(params: optax.Params) -> ScaleByCenteredRmsState:
         def mu_leaf(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), mu_dtype, real=False)
-            return jnp.zeros(jnp.shape(param), dtype)
+            return jnp.zeros_like(param, dtype=dtype)
 
         def nu_leaf(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
-            return jnp.full(jnp.shape(param), initial_scale, dtype)
+            return jnp.full_like(param, initial_scale, dtype=dtype)
 
         return ScaleByCenteredRmsState(
             count=jnp.zeros([], jnp.int32),

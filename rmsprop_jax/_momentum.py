@@ -31,7 +31,7 @@ def trace(
     def init_fn(params: optax.Params) -> optax.TraceState:
         def zeros(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), trace_dtype, real=False)
-            return jnp.zeros(jnp.shape(param), dtype)
+            return jnp.zeros_like(param, dtype=dtype)
 
         return optax.TraceState(trace=jax.tree.map(zeros, params))
 

@@ -112,7 +112,7 @@ def scale_by_rms(
     def init_fn(params: optax.Params) -> ScaleByRmsState:
         def nu_leaf(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
-            return jnp.full(jnp.shape(param), initial_scale, dtype)
+            return jnp.full_like(param, initial_scale, dtype=dtype)
 
         return ScaleByRmsState(
             count=jnp.zeros([], jnp.int32),

@@ -1,0 +1,413 @@
+"""rmsprop_jax inside optax's combinators: chains, masks, accumulation, guards, injection.
+
+Each test runs a jitted training loop on a small two-layer parameter tree and checks
+the combinator's contract: against a float64 NumPy loop written from the update
+rules where arithmetic is involved, and bit for bit where the combinator only
+routes, skips or holds values within one run. Two *different* compiled programs
+(a combinator's and a bare transform's) may fuse the same float32 arithmetic
+differently, so comparisons across programs allow an ulp or two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+
+SHAPES = {"dense": {"w": (3, 4), "b": (4,)}, "out": {"w": (4, 2), "b": (2,)}}
+STEPS = 12
+# float32 against float64 over a dozen steps: a few float32 ulps per step.
+RTOL, ATOL = 2e-5, 1e-6
+# The same arithmetic compiled into two different programs: an ulp or two.
+ULPS = dict(rtol=1e-6, atol=1e-7)
+
+
+def is_bias(path: tuple, leaf) -> bool:
+    del leaf
+    return path[-1].key == "b"
+
+
+def labels(params, names=("rms", "sgd")):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: names[1] if is_bias(path, leaf) else names[0], params
+    )
+
+
+def weights_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, x: not is_bias(p, x), params)
+
+
+def biases_mask(params):
+    return jax.tree_util.tree_map_with_path(is_bias, params)
+
+
+def make_params(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda shape: jnp.asarray(rng.normal(size=shape), jnp.float32),
+        SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def make_grads(seed: int, steps: int = STEPS) -> list:
+    """Gradients whose global norm ranges over 0.3 .. 100, so clipping triggers on some steps."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        scale = 10.0 ** rng.uniform(-1.0, 1.3)
+        out.append(
+            jax.tree.map(
+                lambda shape, s=scale: jnp.asarray(s * rng.normal(size=shape), jnp.float32),
+                SHAPES,
+                is_leaf=lambda x: isinstance(x, tuple),
+            )
+        )
+    return out
+
+
+def make_step(tx: optax.GradientTransformation):
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    return step
+
+
+def run(tx: optax.GradientTransformation, params, grads: Sequence):
+    """Jitted loop; returns the parameters, states and updates after each step."""
+    step = make_step(tx)
+    state = tx.init(params)
+    trajectory, states, updates = [], [], []
+    for g in grads:
+        params, state, u = step(params, state, g)
+        trajectory.append(params)
+        states.append(state)
+        updates.append(u)
+    return trajectory, states, updates
+
+
+def to_f64(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+# ------------------------------------------------------- float64 NumPy reference
+
+
+class NumpyRmsprop:
+    """RMSProp from ``rmsprop_jax.rmsprop``'s docstring, one tree of float64 arrays."""
+
+    def __init__(self, params, *, eps=1e-8, centered=False, momentum=None, bias_correction=False):
+        self.eps, self.centered, self.momentum = eps, centered, momentum
+        self.bias_correction = bias_correction
+        zeros = jax.tree.map(np.zeros_like, to_f64(params))
+        self.nu, self.mu, self.trace = zeros, zeros, zeros
+        self.product = 1.0
+
+    def scale(self, grads, *, decay: float):
+        """The scaling transform alone (``scale_by_rms`` / ``scale_by_centered_rms``)."""
+        previous, self.product = self.product, self.product * decay
+        correction = 1.0 - self.product if self.bias_correction and self.product < 1 else 1.0
+        one_sample = decay == 0 or (self.bias_correction and previous == 1.0)
+        self.nu = jax.tree.map(lambda n, g: decay * n + (1 - decay) * g * g, self.nu, grads)
+        self.mu = jax.tree.map(lambda m, g: decay * m + (1 - decay) * g, self.mu, grads)
+
+        def scaled(g, nu, mu):
+            nu_hat, mu_hat = nu / correction, mu / correction
+            v = np.maximum(nu_hat - mu_hat**2, 0) if self.centered and not one_sample else nu_hat
+            return g / np.sqrt(v + self.eps)
+
+        return jax.tree.map(scaled, grads, self.nu, self.mu)
+
+    def __call__(self, grads, *, learning_rate: float, decay: float):
+        """The whole ``rmsprop`` update."""
+        v = self.scale(grads, decay=decay)
+        if self.momentum is None:
+            return jax.tree.map(lambda x: -learning_rate * x, v)
+        self.trace = jax.tree.map(lambda m, x: self.momentum * m + learning_rate * x, self.trace, v)
+        return jax.tree.map(np.negative, self.trace)
+
+
+def np_clip_by_global_norm(grads, max_norm: float):
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in jax.tree.leaves(grads)))
+    return grads if norm < max_norm else jax.tree.map(lambda g: g * (max_norm / norm), grads)
+
+
+def np_add_decayed_weights(updates, params, weight_decay: float):
+    return jax.tree.map(lambda u, p: u + weight_decay * p, updates, params)
+
+
+RMS_CONFIGS = {
+    "plain": dict(),
+    "centered_momentum_bias": dict(centered=True, momentum=0.9, bias_correction=True, eps=1e-6),
+}
+
+
+# ---------------------------------------------------------------- optax.chain
+
+
+@pytest.mark.parametrize("rms", list(RMS_CONFIGS))
+@pytest.mark.parametrize("placement", ["coupled", "decoupled"])
+def test_chain_with_clipping_and_weight_decay_matches_float64_reference(rms, placement):
+    config = RMS_CONFIGS[rms]
+    lr, decay, max_norm, wd = 0.05, 0.9, 5.0, 0.1
+    clip, weight_decay = optax.clip_by_global_norm(max_norm), optax.add_decayed_weights(wd)
+    params, grads = make_params(), make_grads(seed=1)
+    if placement == "coupled":  # L2 added to the gradient before the scaling
+        tx = optax.chain(clip, weight_decay, rmsprop_jax.rmsprop(lr, decay, **config))
+        ref = NumpyRmsprop(params, **config)
+    else:  # AdamW-style: decay added to the scaled update, under the learning rate
+        scaling_config = {k: v for k, v in config.items() if k not in ("momentum", "centered")}
+        centered = config.get("centered", False)
+        scaling = rmsprop_jax.scale_by_centered_rms if centered else rmsprop_jax.scale_by_rms
+        tx = optax.chain(
+            clip, scaling(decay, **scaling_config), weight_decay, optax.scale_by_learning_rate(lr)
+        )
+        ref = NumpyRmsprop(params, centered=centered, **scaling_config)
+    trajectory, _, _ = run(tx, params, grads)
+
+    p = to_f64(params)
+    clipped_steps = 0
+    for g, ours in zip(grads, trajectory):
+        g = to_f64(g)
+        clipped = np_clip_by_global_norm(g, max_norm)
+        clipped_steps += clipped is not g
+        if placement == "coupled":
+            u = ref(np_add_decayed_weights(clipped, p, wd), learning_rate=lr, decay=decay)
+        else:
+            v = ref.scale(clipped, decay=decay)
+            u = jax.tree.map(lambda x: -lr * x, np_add_decayed_weights(v, p, wd))
+        p = jax.tree.map(np.add, p, u)
+        chex.assert_trees_all_close(ours, p, rtol=RTOL, atol=ATOL)
+    assert 0 < clipped_steps < STEPS, "the gradients should exercise both sides of the clip"
+
+
+def test_chain_matches_the_same_chain_built_on_optax_rmsprop():
+    def chain(rms):
+        return optax.chain(optax.clip_by_global_norm(5.0), optax.add_decayed_weights(0.1), rms)
+
+    params, grads = make_params(), make_grads(seed=2)
+    config = dict(learning_rate=0.05, decay=0.95, centered=True, momentum=0.5, eps=1e-6)
+    ours, _, _ = run(chain(rmsprop_jax.rmsprop(**config)), params, grads)
+    theirs, _, _ = run(chain(optax.rmsprop(**config)), params, grads)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- optax.masked / multi_transform
+
+
+def test_masked_rmsprop_on_weights_sgd_on_biases():
+    lr_w, lr_b = 0.05, 0.3
+    tx = optax.chain(
+        optax.masked(rmsprop_jax.rmsprop(lr_w, centered=True, momentum=0.9), weights_mask),
+        optax.masked(optax.sgd(lr_b), biases_mask),
+    )
+    params, grads = make_params(), make_grads(seed=3)
+    _, states, updates = run(tx, params, grads)
+
+    for g, u in zip(grads, updates):
+        # Biases get exactly SGD's update, untouched by RMSProp.
+        for layer in SHAPES:
+            chex.assert_trees_all_equal(u[layer]["b"], -lr_b * g[layer]["b"])
+    # Weights get what rmsprop_jax gives when it sees the weights alone.
+    only_weights = lambda tree: {layer: {"w": tree[layer]["w"]} for layer in SHAPES}  # noqa: E731
+    _, alone_states, alone = run(
+        rmsprop_jax.rmsprop(lr_w, centered=True, momentum=0.9),
+        only_weights(params),
+        [only_weights(g) for g in grads],
+    )
+    chex.assert_trees_all_close([only_weights(u) for u in updates], alone, **ULPS)
+    # The masked state holds moments for the weights only.
+    nu = optax.tree_utils.tree_get(states[-1], "nu")
+    for layer in SHAPES:
+        assert isinstance(nu[layer]["b"], optax.MaskedNode)
+        chex.assert_trees_all_close(nu[layer]["w"], alone_states[-1][0].nu[layer]["w"], **ULPS)
+
+
+def test_multi_transform_rmsprop_on_weights_sgd_on_biases():
+    lr_w, lr_b = 0.05, 0.3
+    tx = optax.multi_transform(
+        {"rms": rmsprop_jax.rmsprop(lr_w, bias_correction=True), "sgd": optax.sgd(lr_b)},
+        labels,
+    )
+    params, grads = make_params(), make_grads(seed=4)
+    trajectory, _, updates = run(tx, params, grads)
+
+    for g, u in zip(grads, updates):
+        for layer in SHAPES:
+            chex.assert_trees_all_equal(u[layer]["b"], -lr_b * g[layer]["b"])
+
+    # Each group follows the trajectory of its transform run on that group alone.
+    for key, alone_tx in [
+        ("w", rmsprop_jax.rmsprop(lr_w, bias_correction=True)),
+        ("b", optax.sgd(lr_b)),
+    ]:
+        group = lambda tree, key=key: {layer: tree[layer][key] for layer in SHAPES}  # noqa: E731
+        alone_trajectory, _, alone = run(alone_tx, group(params), [group(g) for g in grads])
+        chex.assert_trees_all_close([group(u) for u in updates], alone, **ULPS)
+        chex.assert_trees_all_close([group(p) for p in trajectory], alone_trajectory, **ULPS)
+
+
+# ----------------------------------------------------------- optax.MultiSteps
+
+
+@jax.jit
+def _running_mean_step(acc, grads, n):
+    # (g - acc) / (n + 1) with an int32 n: standard promotion, as in optax.MultiSteps.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.tree.map(lambda a, g: a + (g - a) / (n + 1), acc, grads)
+
+
+def running_mean(grads: Sequence):
+    """The running mean ``acc + (g - acc) / (n + 1)`` in float32 that optax.MultiSteps keeps."""
+    acc = jax.tree.map(jnp.zeros_like, grads[0])
+    for n, g in enumerate(grads):
+        acc = _running_mean_step(acc, g, jnp.asarray(n, jnp.int32))
+    exact = jax.tree.map(lambda *g: np.mean(np.stack(g).astype(np.float64), 0), *grads)
+    chex.assert_trees_all_close(acc, exact, rtol=1e-6, atol=1e-7)
+    return acc
+
+
+@pytest.mark.parametrize("rms", list(RMS_CONFIGS))
+def test_multi_steps_k_micro_steps_equal_one_step_on_the_mean_gradient(rms):
+    k, outer_steps = 4, 3
+    inner = rmsprop_jax.rmsprop(0.05, **RMS_CONFIGS[rms])
+    accumulating = optax.MultiSteps(inner, every_k_schedule=k)
+    params, grads = make_params(), make_grads(seed=5, steps=k * outer_steps)
+    # optax.MultiSteps mixes its int32 micro-step counter with float32 and bool values,
+    # promotions that strict mode refuses (optax's code, not this library's).
+    with jax.numpy_dtype_promotion("standard"):
+        trajectory, states, _ = run(accumulating.gradient_transformation(), params, grads)
+
+    # Centered RMSProp amplifies a one-ulp change of the gradient, so the mean is
+    # computed with the same arithmetic as optax's accumulator (and checked against
+    # the float64 mean).
+    means = [running_mean(grads[i : i + k]) for i in range(0, len(grads), k)]
+    expected, _, _ = run(inner, params, means)
+    for i, (p, state) in enumerate(zip(trajectory, states)):
+        done, micro = divmod(i + 1, k)
+        if micro:  # mid-accumulation: the parameters have not moved since the last outer step
+            chex.assert_trees_all_equal(p, trajectory[done * k - 1] if done else params)
+            assert not bool(accumulating.has_updated(state))
+        else:
+            chex.assert_trees_all_close(p, expected[done - 1], **ULPS)
+            assert bool(accumulating.has_updated(state))
+    count = optax.tree_utils.tree_get(states[-1].inner_opt_state, "count", filtering=_in_rms_state)
+    assert int(count) == outer_steps
+
+
+# ------------------------------------------------------- optax.apply_if_finite
+
+
+def test_apply_if_finite_skips_a_nan_step_and_training_continues():
+    make = lambda: rmsprop_jax.rmsprop(  # noqa: E731
+        0.05, centered=True, momentum=0.9, bias_correction=True
+    )
+    tx = optax.apply_if_finite(make(), max_consecutive_errors=3)
+    params, grads = make_params(), make_grads(seed=6, steps=8)
+    bad = 3
+    grads[bad] = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[bad])
+    trajectory, states, updates = run(tx, params, grads)
+
+    assert not bool(states[bad].last_finite)
+    assert int(states[bad].notfinite_count) == 1
+    chex.assert_trees_all_equal(updates[bad], jax.tree.map(jnp.zeros_like, updates[bad]))
+    chex.assert_trees_all_equal(states[bad].inner_state, states[bad - 1].inner_state)
+    chex.assert_trees_all_equal(trajectory[bad], trajectory[bad - 1])
+    # Afterwards training goes on as if the bad step had never been taken.
+    assert int(states[-1].notfinite_count) == 0 and int(states[-1].total_notfinite) == 1
+    chex.assert_tree_all_finite(trajectory[-1])
+    expected, _, _ = run(make(), params, grads[:bad] + grads[bad + 1 :])
+    chex.assert_trees_all_close(trajectory[:bad] + trajectory[bad + 1 :], expected, **ULPS)
+
+
+# -------------------------------------------------- optax.inject_hyperparams
+
+
+@pytest.mark.parametrize("rms", list(RMS_CONFIGS))
+def test_inject_hyperparams_changes_between_jitted_steps_take_effect(rms):
+    config = RMS_CONFIGS[rms]
+    static = {k: v for k, v in config.items() if isinstance(v, bool)}
+    numeric = {k: v for k, v in config.items() if not isinstance(v, bool)}
+    tx = optax.inject_hyperparams(rmsprop_jax.rmsprop)(
+        learning_rate=0.05, decay=0.9, **static, **numeric
+    )
+    # (learning rate, decay) at each step; both change mid-run, one of the decays is 0.
+    schedule = [(0.05, 0.9)] * 3 + [(0.01, 0.9)] * 2 + [(0.01, 0.5)] * 2 + [(0.1, 0.0), (0.1, 0.99)]
+    params, grads = make_params(), make_grads(seed=7, steps=len(schedule))
+
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    ref, p = NumpyRmsprop(params, **config), to_f64(params)
+    for g, (lr, decay) in zip(grads, schedule):
+        state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        state.hyperparams["decay"] = jnp.asarray(decay, jnp.float32)
+        params, state = step(params, state, g)
+        # The reference decays with the float32 value the library sees, and corrects the
+        # bias with the product of the decays actually applied.
+        u = ref(to_f64(g), learning_rate=float(np.float32(lr)), decay=float(np.float32(decay)))
+        p = jax.tree.map(np.add, p, u)
+        chex.assert_trees_all_close(params, p, rtol=RTOL, atol=ATOL)
+    assert int(optax.tree_utils.tree_get(state.inner_state, "count", filtering=_in_rms_state)) == (
+        len(schedule)
+    )
+
+
+# ---------------------------------------------------- optax.tree_utils.tree_get
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: rmsprop_jax.rmsprop(0.1),
+        lambda: rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9),
+        lambda: optax.inject_hyperparams(rmsprop_jax.rmsprop)(0.1, centered=True),
+        lambda: optax.chain(rmsprop_jax.scale_by_centered_rms(), optax.scale_by_learning_rate(0.1)),
+    ],
+    ids=["plain", "centered_momentum", "injected_centered", "scaling_in_chain"],
+)
+def test_tree_get_finds_the_moments(make_tx: Callable[[], optax.GradientTransformation]):
+    tx = make_tx()
+    params, grads = make_params(), make_grads(seed=8, steps=3)
+    _, states, _ = run(tx, params, grads)
+    state = states[-1]
+
+    nu = optax.tree_utils.tree_get(state, "nu")
+    chex.assert_trees_all_equal_shapes_and_dtypes(nu, params)
+    g = [to_f64(x) for x in grads]
+    expected_nu = jax.tree.map(lambda a, b, c: 0.081 * a**2 + 0.09 * b**2 + 0.1 * c**2, *g)
+    chex.assert_trees_all_close(nu, expected_nu, rtol=1e-5)
+    mu = optax.tree_utils.tree_get(state, "mu")
+    centered = any(
+        isinstance(s, rmsprop_jax.ScaleByCenteredRmsState)
+        for s in jax.tree.leaves(
+            state, is_leaf=lambda s: isinstance(s, rmsprop_jax.ScaleByCenteredRmsState)
+        )
+    )
+    if centered:
+        expected_mu = jax.tree.map(lambda a, b, c: 0.081 * a + 0.09 * b + 0.1 * c, *g)
+        chex.assert_trees_all_close(mu, expected_mu, rtol=1e-5, atol=1e-6)
+    else:
+        assert mu is None
+    assert int(optax.tree_utils.tree_get(state, "count", filtering=_in_rms_state)) == 3
+
+
+def _in_rms_state(path, value) -> bool:
+    del value
+    return path[-1].tuple_name in ("ScaleByRmsState", "ScaleByCenteredRmsState")
