@@ -155,7 +155,7 @@ def scale_by_centered_rms(
             one_sample = one_sample | (step.previous_total_weight == 0)
 
         def leaf(
-            g: jax.Array, mu: jax.Array, nu: jax.Array
+            index: int, g: jax.Array, mu: jax.Array, nu: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
@@ -170,8 +170,8 @@ def scale_by_centered_rms(
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
                 _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),
-                _numerics.saturating_cast(new_mu, mu.dtype),
-                _numerics.saturating_cast(new_nu, nu.dtype),
+                _numerics.store(new_mu, mu.dtype, step.count, 2 * index + 1),
+                _numerics.store(new_nu, nu.dtype, step.count, 2 * index),
             )
 
         updates, mu, nu = _numerics.map_unzip(leaf, 3, updates, state.mu, state.nu)

@@ -41,7 +41,8 @@ def trace(
         del params
         _validation.check_updates_match(updates, state.trace, "trace")
 
-        def leaf(v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def leaf(index: int, v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            del index
             dtype = _numerics.compute_dtype(v.dtype, m.dtype)
             v_wide = _numerics.widen(v, dtype)
             beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)

@@ -10,7 +10,10 @@ This is the one place the policy is written; every ``*_dtype`` argument refers h
   dtype is ``float16`` or ``bfloat16`` is kept in ``float32`` by default
   (``*_dtype=None``); for any other parameter it is kept in the parameter's own
   precision. A ``*_dtype`` argument overrides this for every leaf, e.g.
-  ``nu_dtype=jnp.bfloat16`` halves the state's memory. ``nu`` is always real (it
+  ``nu_dtype=jnp.bfloat16`` halves the state's memory. ``bfloat16`` moments are
+  stored with stochastic rounding (unbiased; see :mod:`rmsprop_jax._rounding`),
+  since round-to-nearest drops the small increments of a moving average;
+  ``float16`` state and momentum traces are rounded to nearest. ``nu`` is always real (it
   holds :math:`|g|^2`); ``mu`` and the momentum trace of a complex parameter stay
   complex, with at least the requested precision.
 * **Arithmetic.** Each leaf is computed in the widest of its gradient's precision,
@@ -54,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from rmsprop_jax import _rounding
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -208,9 +213,28 @@ def decay_step(
 def map_unzip(
     fn: Callable[..., tuple[Any, ...]], n_outputs: int, tree: Any, *rest: Any
 ) -> tuple[Any, ...]:
-    """Maps ``fn`` over the leaves of ``tree`` and ``rest``; returns ``n_outputs`` trees."""
+    """Calls ``fn(index, leaf, *rest_leaves)`` per leaf of ``tree``; returns ``n_outputs`` trees.
+
+    ``index`` is the leaf's position in ``tree``'s flattening (a salt for
+    :func:`store`'s random bits).
+    """
     leaves, treedef = jax.tree.flatten(tree)
     others = [treedef.flatten_up_to(other) for other in rest]
-    outputs = [fn(*args) for args in zip(leaves, *others)]
+    outputs = [fn(index, *args) for index, args in enumerate(zip(leaves, *others))]
     columns = list(zip(*outputs)) if outputs else [()] * n_outputs
     return tuple(treedef.unflatten(list(column)) for column in columns)
+
+
+def store(x: jax.Array, dtype: Any, count: jax.Array, salt: int) -> jax.Array:
+    """Casts a statistic to its storage dtype.
+
+    ``bfloat16`` storage is stochastically rounded (see :mod:`rmsprop_jax._rounding`)
+    with random bits drawn from ``(element index, count, salt)``, so that small
+    increments of a moving average survive on average; every other storage dtype
+    is a :func:`saturating_cast` (round to nearest).
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(jnp.bfloat16) and not jnp.iscomplexobj(x) and x.dtype != dtype:
+        bits = _rounding.random_bits(x.shape, count, salt)
+        return _rounding.stochastic_round_bfloat16(x, bits)
+    return saturating_cast(x, dtype)

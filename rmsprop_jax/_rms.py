@@ -127,7 +127,7 @@ def scale_by_rms(
         _validation.check_updates_match(updates, state.nu, "nu")
         step = _numerics.decay_step(decay, state.count, state.total_weight)
 
-        def leaf(g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def leaf(index: int, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
             new_nu = _numerics.ema(
@@ -138,7 +138,7 @@ def scale_by_rms(
             update = _numerics.safe_divide(g_wide, denom)
             return (
                 _numerics.saturating_cast(update, g.dtype),
-                _numerics.saturating_cast(new_nu, nu.dtype),
+                _numerics.store(new_nu, nu.dtype, step.count, 2 * index),
             )
 
         updates, nu = _numerics.map_unzip(leaf, 2, updates, state.nu)

@@ -1,0 +1,55 @@
+r"""Stochastic rounding of statistics stored in 16-bit floats.
+
+An exponential moving average kept in ``bfloat16`` with round-to-nearest loses
+every increment smaller than half a unit in the last place: with decay
+:math:`\rho = 0.99` an increment :math:`(1-\rho)(g^2 - \nu)` below
+:math:`2^{-9}\nu` (bfloat16 keeps 8 significant bits) vanishes, so :math:`\nu`
+stops tracking a gradient that shrinks slowly. Stochastic rounding rounds up
+with probability equal to the distance from the lower neighbour, so the stored
+value is unbiased, :math:`E[\mathrm{sr}(x)] = x`, and small increments survive
+on average.
+
+The random bits come from a counter-based integer hash of the element's index,
+the update count and a per-leaf salt, not from a PRNG key in the state: the
+state's layout does not change, a run is deterministic and bit-reproducible
+(including after a checkpoint restore), and the hash costs a few integer
+operations per element.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """The 32-bit finaliser of MurmurHash3: an avalanche mix of ``h``."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def random_bits(shape: tuple[int, ...], count: jax.Array, salt: int) -> jax.Array:
+    """Uniform uint32 bits for each element of ``shape``, a function of ``(index, count, salt)``."""
+    index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    seed = _mix(count.astype(jnp.uint32) * _GOLDEN + np.uint32(salt & 0xFFFFFFFF))
+    return _mix(index * _GOLDEN + seed)
+
+
+def stochastic_round_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """Rounds finite float32 ``x`` to bfloat16, up or down with unbiased probabilities.
+
+    ``x`` is first clipped to bfloat16's finite range, so the result is finite.
+    Adding 16 random bits below bfloat16's last place and truncating rounds the
+    magnitude up with probability equal to the discarded fraction.
+    """
+    big = float(jnp.finfo(jnp.bfloat16).max)
+    x = jnp.clip(x.astype(jnp.float32), -big, big)
+    raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    raw = (raw + (bits & np.uint32(0xFFFF))) & np.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(raw, jnp.float32).astype(jnp.bfloat16)
