@@ -11,10 +11,7 @@ with the same state types and dtypes.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -22,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _run_worker import run_worker
 
 ocp = pytest.importorskip("orbax.checkpoint")
 serialization = pytest.importorskip("flax.serialization")
@@ -58,21 +56,8 @@ def runs(tmp_path_factory) -> dict:
             uninterrupted[name] = jax.device_get((params, state))
         # Leaving the block waits for the asynchronous saves to finish.
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(WORKER.parents[1]), env.get("PYTHONPATH")])
-    )
     out = root / "resumed.pkl"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(root / "ckpt"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"{WORKER.name} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    run_worker(WORKER, str(root / "ckpt"), str(out))
     with out.open("rb") as f:
         resumed = pickle.load(f)
     return {name: (uninterrupted[name], resumed[name]) for name in VARIANTS}

@@ -11,10 +11,7 @@ subprocess with 4 virtual CPU devices, and check what it returns here.
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -23,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _run_worker import run_worker
 
 import rmsprop_jax
 
@@ -181,24 +179,7 @@ WORKER_CONFIGS = ["plain", "centered_momentum", "bias_nesterov"]
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parallel") / "results.pkl"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEVICES}"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(WORKER.parents[1]), env.get("PYTHONPATH")])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"{WORKER.name} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    run_worker(WORKER, str(out), devices=N_DEVICES)
     with out.open("rb") as f:
         return pickle.load(f)
 

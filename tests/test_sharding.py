@@ -21,12 +21,10 @@ What a data- or model-parallel user needs from an elementwise optimizer:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _run_worker import run_worker
 
 WORKER = Path(__file__).with_name("_sharding_worker.py")
 N_DEVICES = 8
@@ -37,24 +35,7 @@ CONFIGS = ["plain", "centered_momentum_bias"]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "report.json"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEVICES}"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(WORKER.parents[1]), env.get("PYTHONPATH")])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"{WORKER.name} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    run_worker(WORKER, str(out), devices=N_DEVICES)
     return json.loads(out.read_text())
 
 
