@@ -1,0 +1,130 @@
+"""Reporting for ``rmsprop_jax.demo``: the Markdown table, the figures, a progress bar, JSON."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rmsprop_jax.demo import Task
+
+__all__ = ["finite_or_none", "format_table", "plot_task", "progress"]
+
+
+def _mean_std(values: Sequence[float], digits: int) -> str:
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return "—"
+    text = f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}"
+    return text if finite.size == arr.size else f"{text} ({finite.size}/{arr.size})"
+
+
+def format_table(task: Task, rows: dict[str, dict[str, Any]]) -> str:
+    """One Markdown table per task: the swept learning rates, finals and steps to target."""
+    lines = [
+        f"### {task.name} ({task.epochs} epochs, target train loss {task.target_loss})",
+        "",
+        "Learning rate picked by seed 0's final training loss (bold); † marks a pick at an end "
+        "of the sweep.",
+        "",
+        "| optimizer | lr (sweep: final train loss, seed 0) | train loss | test loss "
+        "| test accuracy | steps to target |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        sweep = ", ".join(
+            ("**" if s["learning_rate"] == row["learning_rate"] else "")
+            + f"{s['learning_rate']:g}: {s['final_train_loss_seed0']:.3g}"
+            + ("**" if s["learning_rate"] == row["learning_rate"] else "")
+            for s in row["sweep"]
+        )
+        edge = " †" if row["learning_rate_at_edge"] else ""
+        lines.append(
+            f"| {name} | {sweep}{edge} | {_mean_std(row['final_train_loss'], 4)} "
+            f"| {_mean_std(row['final_test_loss'], 4)} "
+            f"| {_mean_std(row['final_test_accuracy'], 3)} "
+            f"| {_mean_std(row['steps_to_target'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_task(task: Task, rows: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
+    """Training loss (log scale) and test accuracy (or test loss) per epoch, min-max seed bands."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    loss_ax, right_ax = fig.subplots(1, 2)
+    right_key = "test_accuracy" if task.data.num_classes else "test_loss"
+    for name, row in rows.items():
+        for ax, key in ((loss_ax, "train_loss"), (right_ax, right_key)):
+            values = np.asarray(row["curves"][key], dtype=np.float64)
+            epochs = np.arange(values.shape[1])
+            with warnings.catch_warnings():  # a diverged run leaves all-NaN columns
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(values, axis=0)
+                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+            style = "--" if name.startswith("optax.") else "-"  # baselines dashed
+            (line,) = ax.plot(epochs, mean, style, label=name)
+            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+    loss_ax.set_yscale("log")
+    loss_ax.axhline(task.target_loss, color="grey", linestyle=":", linewidth=1)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title=f"{task.name}: training loss")
+    right_ax.set(
+        xlabel="epoch", ylabel=right_key.replace("_", " "), title=right_key.replace("_", " ")
+    )
+    if right_key == "test_loss":
+        right_ax.set_yscale("log")
+    right_ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+class _Bar:
+    """A minimal stand-in for ``tqdm`` that redraws one line on stderr."""
+
+    def __init__(self, total: int, desc: str = "") -> None:
+        self.total, self.n, self.desc, self.start = total, 0, desc, time.perf_counter()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        filled = int(30 * self.n / max(self.total, 1))
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total} "
+            f"{elapsed:5.0f}s {self.desc[:40]:<40}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def progress(total: int) -> Any:
+    """A ``tqdm`` bar counting epochs when tqdm is installed, else :class:`_Bar`."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Bar(total)
+    return tqdm(total=total, unit="epoch", dynamic_ncols=True)
+
+
+def finite_or_none(value: Any) -> Any:
+    """Makes the results valid JSON: NaN and infinities become ``null``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value

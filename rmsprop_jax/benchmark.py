@@ -1,0 +1,461 @@
+"""Time one RMSProp train step: rmsprop_jax against optax.rmsprop and torch.optim.RMSprop.
+
+Run ``python -m rmsprop_jax.benchmark`` (a few minutes on 2 CPU cores; ``--quick`` scales every
+tree down and takes well under a minute). Kept out of the test suite; CI only smoke-runs it.
+
+A step is ``update`` then ``optax.apply_updates``, in one ``jax.jit`` that donates the
+parameters and the optimizer state; the gradients are fixed arrays passed in each step. PyTorch
+runs ``optimizer.step()`` with the same gradients assigned once to ``.grad``, with
+``foreach=True`` and ``foreach=False`` (when torch is importable). ``rmsprop_jax packed`` is
+``optax.flatten(rmsprop_jax.rmsprop(...))``: every leaf packed into one contiguous buffer.
+
+Three trees: a transformer-shaped tree (~40M parameters in ~150 leaves), many small leaves (~3000
+leaves, ~1.15M parameters) and one large vector (32M float32). Two configurations: ``plain``
+(``rmsprop(lr)``) and ``centered+momentum+bias`` (torch has no bias correction, so it runs
+centered with momentum only). ``rmsprop_jax bf16 state`` keeps its statistics in bfloat16
+(stochastically rounded, see :mod:`rmsprop_jax._numerics`).
+
+All contenders of one tree and configuration are timed in interleaved rounds (A, B, C, A, B, C,
+... with the starting contender rotated each round) so that machine noise hits all alike; the
+ratios compare medians measured side by side in this run. The roofline is the ideal number of
+bytes a step must move (reading the gradient, parameter and state, writing the parameter and
+state) divided by the streaming bandwidth measured in the same run.
+
+Output: a Markdown table on stdout (also ``table.md``) and every raw timing in
+``benchmark.json``, in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rmsprop_jax
+
+LEARNING_RATE = 1e-3
+DECAY = 0.9
+EPS = 1e-8
+_MB = 1e6
+
+
+class Scale(NamedTuple):
+    """The sizes of one run."""
+
+    width: int  # transformer model width d
+    layers: int  # transformer blocks
+    vocab: int  # rows of the embedding
+    small_leaves: int  # leaves of the many-small-leaves tree
+    vector: int  # elements of the large vector
+    repeats: int  # interleaved rounds
+    sample_s: float  # a timing sample runs at least this long (several steps if need be)
+    bandwidth_mb: int  # size of the array the bandwidth is measured on
+
+
+FULL = Scale(512, 12, 4096, 3000, 32 * 2**20, repeats=15, sample_s=0.05, bandwidth_mb=256)
+QUICK = Scale(256, 4, 1024, 600, 4 * 2**20, repeats=5, sample_s=0.02, bandwidth_mb=256)
+
+
+class Config(NamedTuple):
+    """One optimizer configuration, spelled for each framework."""
+
+    name: str
+    kwargs: dict[str, Any]  # for rmsprop_jax.rmsprop and optax.rmsprop
+    bf16_kwargs: dict[str, Any]  # added for the bfloat16-state row
+    torch_kwargs: dict[str, Any]
+    bytes_f32: int  # ideal bytes per float32 parameter and step
+    bytes_bf16: int  # the same with bfloat16 state
+    note: str
+
+
+_BF16 = jnp.bfloat16
+CONFIGS = (
+    # Reads g, p, nu and writes p, nu.
+    Config("plain", {}, {"nu_dtype": _BF16}, {}, 20, 16, ""),
+    # Reads g, p, nu, mu, m and writes p, nu, mu, m.
+    Config(
+        "centered+momentum+bias",
+        {"centered": True, "momentum": 0.9, "bias_correction": True},
+        {"nu_dtype": _BF16, "mu_dtype": _BF16, "momentum_dtype": _BF16},
+        {"centered": True, "momentum": 0.9},
+        36,
+        24,
+        "torch has no bias correction: its rows run centered with momentum only",
+    ),
+)
+
+
+def transformer_shapes(width: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """A decoder's parameter shapes: fused QKV, output, MLP, two layer norms per block."""
+    d = width
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed": (vocab, d),
+        "final_ln_scale": (d,),
+        "final_ln_bias": (d,),
+    }
+    for i in range(layers):
+        block = {
+            "qkv": (d, 3 * d),
+            "qkv_bias": (3 * d,),
+            "attn_out": (d, d),
+            "attn_out_bias": (d,),
+            "mlp_in": (d, 4 * d),
+            "mlp_in_bias": (4 * d,),
+            "mlp_out": (4 * d, d),
+            "mlp_out_bias": (d,),
+            "ln1_scale": (d,),
+            "ln1_bias": (d,),
+            "ln2_scale": (d,),
+            "ln2_bias": (d,),
+        }
+        shapes.update({f"block{i:02d}_{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def small_leaf_shapes(count: int) -> dict[str, tuple[int, ...]]:
+    """``count`` leaves of mixed small shapes, 384 elements on average."""
+    cycle = [(384,), (24, 16), (128,), (640,), (8, 80), (4, 32)]
+    return {f"leaf{i:05d}": cycle[i % len(cycle)] for i in range(count)}
+
+
+def trees(scale: Scale) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The three trees of a run, by name."""
+    return {
+        "transformer": transformer_shapes(scale.width, scale.layers, scale.vocab),
+        "small leaves": small_leaf_shapes(scale.small_leaves),
+        "vector": {"w": (scale.vector,)},
+    }
+
+
+def measure_bandwidth(megabytes: int, repeats: int = 8) -> dict[str, Any]:
+    """Streaming bandwidth of a jitted, in-place ``x * a + b`` (one read, one write per element)."""
+    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
+    axpb = jax.jit(lambda x: x * 0.999 + 1e-3, donate_argnums=0)
+    x = axpb(x).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = axpb(x).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    moved = 2 * x.nbytes
+    del x
+    return {
+        "bytes_per_call": moved,
+        "seconds": seconds,
+        "gb_per_s": moved / min(seconds) / 1e9,
+    }
+
+
+class _JaxRunner:
+    """A jitted train step with donated parameters and state."""
+
+    def __init__(
+        self, tx: optax.GradientTransformation, params: dict[str, np.ndarray], grads: Any
+    ) -> None:
+        def train_step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self._params = {k: jnp.array(v) for k, v in params.items()}
+        self._state = jax.jit(tx.init)(self._params)
+        self._grads = grads
+        start = time.perf_counter()
+        step = jax.jit(train_step, donate_argnums=(0, 1))
+        self._step = step.lower(self._params, self._state, grads).compile()
+        self.compile_s: float | None = time.perf_counter() - start
+        self.state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self._state))
+
+    def run(self, steps: int) -> None:
+        params, state = self._params, self._state
+        for _ in range(steps):
+            params, state = self._step(params, state, self._grads)
+        self._params, self._state = jax.block_until_ready((params, state))
+
+
+class _TorchRunner:
+    """``torch.optim.RMSprop.step`` on gradients assigned once to ``.grad``."""
+
+    def __init__(
+        self, torch: Any, params: dict[str, np.ndarray], grads: list[Any], **kwargs: Any
+    ) -> None:
+        self._torch = torch
+        self._params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in params.values()]
+        for param, grad in zip(self._params, grads, strict=True):
+            param.grad = grad
+        self._opt = torch.optim.RMSprop(self._params, **kwargs)
+        self.compile_s: float | None = None
+        self.run(1)  # torch allocates its state at the first step
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(
+            value.nbytes
+            for state in self._opt.state.values()
+            for value in state.values()
+            if isinstance(value, self._torch.Tensor)
+        )
+
+    def run(self, steps: int) -> None:
+        with self._torch.no_grad():
+            for _ in range(steps):
+                self._opt.step()
+
+
+def _contenders(
+    config: Config, params: dict[str, np.ndarray], torch: Any
+) -> dict[str, tuple[Callable[[], Any], int]]:
+    """Each contender's constructor and ideal bytes per parameter, by name."""
+    grads_np = {k: (v * 0.05).astype(np.float32) for k, v in params.items()}
+    grads = {k: jnp.array(v) for k, v in grads_np.items()}
+    ours = rmsprop_jax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs)
+    out: dict[str, tuple[Callable[[], Any], int]] = {
+        "rmsprop_jax": (lambda: _JaxRunner(ours, params, grads), config.bytes_f32),
+        "rmsprop_jax bf16 state": (
+            lambda: _JaxRunner(
+                rmsprop_jax.rmsprop(
+                    LEARNING_RATE, DECAY, EPS, **config.kwargs, **config.bf16_kwargs
+                ),
+                params,
+                grads,
+            ),
+            config.bytes_bf16,
+        ),
+        "rmsprop_jax packed": (
+            lambda: _JaxRunner(optax.flatten(ours), params, grads),
+            config.bytes_f32,
+        ),
+        "optax": (
+            lambda: _JaxRunner(
+                optax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs), params, grads
+            ),
+            config.bytes_f32,
+        ),
+    }
+    if torch is not None:
+        torch_grads = [torch.from_numpy(v) for v in grads_np.values()]
+        kwargs = {"lr": LEARNING_RATE, "alpha": DECAY, "eps": EPS, **config.torch_kwargs}
+        for name, foreach in (("torch foreach", True), ("torch for-loop", False)):
+            out[name] = (
+                lambda foreach=foreach: _TorchRunner(
+                    torch, params, torch_grads, foreach=foreach, **kwargs
+                ),
+                config.bytes_f32,
+            )
+    return out
+
+
+def time_group(
+    config: Config,
+    params: dict[str, np.ndarray],
+    torch: Any,
+    scale: Scale,
+    repeats: int,
+    bandwidth: float,
+) -> list[dict[str, Any]]:
+    """Times every contender on one tree and configuration in interleaved rounds."""
+    n_params = sum(v.size for v in params.values())
+    runners, ideal = {}, {}
+    for name, (make, bytes_per_param) in _contenders(config, params, torch).items():
+        runners[name] = make()
+        ideal[name] = bytes_per_param * n_params
+    inner = {}
+    for name, runner in runners.items():
+        runner.run(2)  # warm up
+        start = time.perf_counter()
+        runner.run(1)
+        one = time.perf_counter() - start
+        inner[name] = max(1, min(200, math.ceil(scale.sample_s / max(one, 1e-6))))
+    names = list(runners)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for offset in range(len(names)):
+            name = names[(round_ + offset) % len(names)]
+            start = time.perf_counter()
+            runners[name].run(inner[name])
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    rows = []
+    for name in names:
+        rows.append(
+            {
+                "config": config.name,
+                "contender": name,
+                "steps_per_sample": inner[name],
+                "seconds": samples[name],
+                "median_s": statistics.median(samples[name]),
+                "min_s": min(samples[name]),
+                "compile_s": runners[name].compile_s,
+                "state_bytes": runners[name].state_bytes,
+                "ideal_bytes": ideal[name],
+                "roofline_s": ideal[name] / (bandwidth * 1e9),
+            }
+        )
+    by_name = {row["contender"]: row for row in rows}
+    for row in rows:
+        for ref in ("optax", "torch foreach"):
+            key = ref.replace(" ", "_")
+            if ref in by_name:
+                row[f"vs_{key}_median"] = row["median_s"] / by_name[ref]["median_s"]
+                row[f"vs_{key}_min"] = row["min_s"] / by_name[ref]["min_s"]
+        row["roofline_fraction"] = row["roofline_s"] / row["median_s"]
+    return rows
+
+
+def machine_info(torch: Any) -> dict[str, Any]:
+    """What the timings were taken on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    device = jax.devices()[0]
+    return {
+        "cpu_count": cpus,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "torch_threads": None if torch is None else torch.get_num_threads(),
+        "jax_backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of every row."""
+    lines = [
+        "| tree | config | contender | median ms | min ms | × optax | × torch foreach "
+        "| % roofline | compile s | state MB |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        torch_row = row["contender"].startswith("torch")
+        config = row["config"] + (" ¹" if torch_row and row["config"] != "plain" else "")
+        lines.append(
+            f"| {row['tree']} | {config} | {row['contender']} "
+            f"| {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f} "
+            f"| {_cell(row.get('vs_optax_median'), '.2f')} "
+            f"| {_cell(row.get('vs_torch_foreach_median'), '.2f')} "
+            f"| {row['roofline_fraction'] * 100:.0f} | {_cell(row['compile_s'], '.2f')} "
+            f"| {row['state_bytes'] / _MB:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; returns the exit status."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller trees, fewer rounds (CI)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results"))
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (15; 5)")
+    args = parser.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    repeats = args.repeats if args.repeats is not None else scale.repeats
+    if repeats < 1:
+        parser.error(f"`--repeats` must be at least 1, got {repeats}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    previous_threads = None if torch is None else torch.get_num_threads()
+    start = time.perf_counter()
+    try:
+        info = machine_info(torch)
+        if torch is not None:
+            torch.set_num_threads(info["cpu_count"])
+            info["torch_threads"] = torch.get_num_threads()
+        bandwidth = measure_bandwidth(scale.bandwidth_mb)
+        gbps = bandwidth["gb_per_s"]
+        print(f"streaming bandwidth: {gbps:.1f} GB/s", file=sys.stderr)
+        rows: list[dict[str, Any]] = []
+        tree_info = {}
+        rng = np.random.default_rng(0)
+        for tree_name, shapes in trees(scale).items():
+            params = {
+                k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
+                for k, s in shapes.items()
+            }
+            size = sum(v.size for v in params.values())
+            tree_info[tree_name] = {"parameters": size, "leaves": len(params)}
+            for config in CONFIGS:
+                tick = time.perf_counter()
+                group = time_group(config, params, torch, scale, repeats, gbps)
+                rows.extend({"tree": tree_name, **row} for row in group)
+                print(
+                    f"{tree_name} / {config.name}: {time.perf_counter() - tick:.1f} s",
+                    file=sys.stderr,
+                )
+                del group
+                gc.collect()  # free this group's parameters and states before the next
+            del params
+            gc.collect()
+    finally:
+        if torch is not None:
+            torch.set_num_threads(previous_threads)
+    wall_s = time.perf_counter() - start
+
+    table = format_table(rows)
+    described = "; ".join(
+        f"{name}: {t['parameters'] / 1e6:.2f}M parameters in {t['leaves']} leaves"
+        for name, t in tree_info.items()
+    )
+    notes = [
+        f"Trees: {described}.",
+        f"Streaming bandwidth (jitted in-place x*a+b on {scale.bandwidth_mb} MB, best of "
+        f"{len(bandwidth['seconds'])}): {gbps:.1f} GB/s. Roofline: 20 bytes per parameter "
+        "(plain), 36 (centered+momentum), 16 and 24 with bfloat16 state.",
+        f"Ratios: medians of {repeats} interleaved rounds. {info['cpu_count']} CPUs, "
+        f"jax {info['jax']}, optax {info['optax']}, torch {info['torch']}; {wall_s:.0f} s.",
+        f"¹ {CONFIGS[1].note}.",
+    ]
+    report = table + "\n\n" + "\n".join(f"* {note}" for note in notes)
+    print(report)
+    (args.out / "table.md").write_text(report + "\n")
+    payload = {
+        "quick": args.quick,
+        "repeats": repeats,
+        "scale": scale._asdict(),
+        "wall_s": wall_s,
+        "machine": info,
+        "bandwidth": bandwidth,
+        "trees": tree_info,
+        "rows": rows,
+    }
+    (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

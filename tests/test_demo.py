@@ -1,0 +1,140 @@
+"""Tests for ``rmsprop_jax.demo``: the MNIST and CIFAR-10 loaders on tiny files, and a short run."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import pathlib
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+
+from rmsprop_jax import _demo_data, demo
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, compress: bool) -> None:
+    """Writes a uint8 array as IDX: two zero bytes, type 0x08, rank, big-endian dims, data."""
+    header = struct.pack(">I", 0x00000800 | array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+
+
+def _write_mnist(directory: pathlib.Path, compress: bool, n_train: int = 40, n_test: int = 12):
+    directory.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, (n_train,), dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, (n_test,), dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        _write_idx(directory / name, array, compress)
+    return arrays
+
+
+def _write_cifar(directory: pathlib.Path, per_batch: int = 6) -> dict[str, dict[bytes, object]]:
+    rng = np.random.default_rng(1)
+    folder = directory / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for name in ("data_batch_1", "data_batch_2", "test_batch"):
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+        batches[name] = batch
+    return batches
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+def test_read_idx_round_trip(tmp_path: pathlib.Path, compress: bool) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a-idx3-ubyte", array, compress)
+    path = tmp_path / ("a-idx3-ubyte.gz" if compress else "a-idx3-ubyte")
+    np.testing.assert_array_equal(_demo_data.read_idx(path), array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file"):
+        _demo_data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(struct.pack(">II", 0x00000801, 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="truncated"):
+        _demo_data.read_idx(tmp_path / "short")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+def test_load_mnist(tmp_path: pathlib.Path, compress: bool) -> None:
+    arrays = _write_mnist(tmp_path, compress)
+    data = _demo_data.find_image_dataset(tmp_path)
+    assert data.name == "mnist" and data.num_classes == 10
+    assert data.x_train.shape == (40, 28, 28, 1) and data.x_train.dtype == np.float32
+    assert data.x_test.shape == (12, 28, 28, 1) and data.y_test.dtype == np.int32
+    np.testing.assert_allclose(
+        data.x_train[..., 0], arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0
+    )
+    np.testing.assert_array_equal(data.y_train, arrays["train-labels-idx1-ubyte"])
+
+
+def test_load_cifar10(tmp_path: pathlib.Path) -> None:
+    batches = _write_cifar(tmp_path)
+    data = _demo_data.find_image_dataset(tmp_path)
+    assert data.name == "cifar10"
+    assert data.x_train.shape == (12, 32, 32, 3) and data.x_test.shape == (6, 32, 32, 3)
+    first = np.asarray(batches["data_batch_1"][b"data"])[0]
+    # The first 1024 bytes of a row are the red plane, row-major.
+    np.testing.assert_allclose(data.x_train[0, :, :, 0], first[:1024].reshape(32, 32) / 255.0)
+    np.testing.assert_allclose(data.x_train[0, 0, 1, 2], first[2048 + 1] / 255.0)
+    np.testing.assert_array_equal(data.y_test, batches["test_batch"][b"labels"])
+
+
+def test_missing_data_dir_names_the_formats(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(FileNotFoundError, match="MNIST IDX"):
+        _demo_data.find_image_dataset(tmp_path)
+
+
+def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["tasks"]) == tasks
+    for task in results["tasks"].values():
+        assert list(task["optimizers"]) == optimizers
+        for row in task["optimizers"].values():
+            assert len(row["sweep"]) == 4
+            assert row["learning_rate"] in [s["learning_rate"] for s in row["sweep"]]
+            assert len(row["curves"]["train_loss"][0]) == task["epochs"] + 1
+    # Figures need matplotlib (the ``examples`` extra); without it the demo skips them.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert len(list(out.glob("*.png"))) == (tasks if has_matplotlib else 0)
+    assert "| optimizer |" in (out / "table.md").read_text()
+    return results
+
+
+def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    optimizers = ["rmsprop", "optax.adam"]
+    assert demo.main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
+    results = _check_outputs(tmp_path, 4, optimizers)
+    assert "results.json" in capsys.readouterr().out
+    digits_mlp = results["tasks"]["MLP on digits"]["optimizers"]["rmsprop"]
+    assert digits_mlp["final_test_accuracy"][0] > 0.5  # 3 epochs already learn the digits
+
+
+def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
+    _write_mnist(tmp_path / "mnist", compress=True, n_train=128, n_test=32)
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out), "--data-dir", str(tmp_path / "mnist")]
+    assert demo.main([*argv, "--optimizers", "rmsprop", "--tasks", "1", "2"]) == 0
+    results = _check_outputs(out, 2, ["rmsprop"])
+    assert set(results["tasks"]) == {"MLP on mnist", "CNN on mnist"}
