@@ -153,8 +153,13 @@ def clip_finite(x: jax.Array) -> jax.Array:
     """Clips ``x`` (each part, if complex) to the finite range of its own dtype."""
     if jnp.iscomplexobj(x):
         return jax.lax.complex(clip_finite(x.real), clip_finite(x.imag))
-    big = float(jnp.finfo(x.dtype).max)
-    return jnp.clip(x, -big, big)
+    # Only an infinity can lie outside a dtype's finite range, so replacing infinities with
+    # the largest finite value of their sign is the same clip. Written as a select, not as
+    # ``jnp.clip``: XLA:CPU fuses the select into its neighbours, while a clamp between the
+    # momentum buffer and its two consumers made it recompute the buffer and copy the old
+    # one (4.4x the step time of optax's momentum on a 4M-element vector).
+    big = jnp.asarray(jnp.finfo(x.dtype).max, x.dtype)
+    return jnp.where(jnp.isinf(x), jnp.copysign(big, x), x)
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:

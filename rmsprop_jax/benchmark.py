@@ -21,7 +21,10 @@ ratios compare medians measured side by side in this run. The roofline is the id
 bytes a step must move (reading the gradient, parameter and state, writing the parameter and
 state) divided by the streaming bandwidth measured in the same run.
 
-Output: a Markdown table on stdout (also ``table.md``) and every raw timing in
+The run ends with the bfloat16-state training study of :mod:`rmsprop_jax._state_precision`
+(loss curves of float32, stochastically rounded and nearest-rounded bfloat16 state).
+
+Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
 ``benchmark.json``, in ``--out``.
 """
 
@@ -46,6 +49,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
+from rmsprop_jax import _state_precision
 
 LEARNING_RATE = 1e-3
 DECAY = 0.9
@@ -67,7 +71,7 @@ class Scale(NamedTuple):
 
 
 FULL = Scale(512, 12, 4096, 3000, 32 * 2**20, repeats=15, sample_s=0.05, bandwidth_mb=256)
-QUICK = Scale(256, 4, 1024, 600, 4 * 2**20, repeats=5, sample_s=0.02, bandwidth_mb=256)
+QUICK = Scale(128, 2, 512, 120, 2**21, repeats=3, sample_s=0.01, bandwidth_mb=64)
 
 
 class Config(NamedTuple):
@@ -423,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if torch is not None:
             torch.set_num_threads(previous_threads)
+    study = _state_precision.compare(steps=300 if args.quick else 2000)
     wall_s = time.perf_counter() - start
 
     table = format_table(rows)
@@ -439,7 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"jax {info['jax']}, optax {info['optax']}, torch {info['torch']}; {wall_s:.0f} s.",
         f"¹ {CONFIGS[1].note}.",
     ]
-    report = table + "\n\n" + "\n".join(f"* {note}" for note in notes)
+    report = (
+        table
+        + "\n\n"
+        + "\n".join(f"* {note}" for note in notes)
+        + "\n\n"
+        + _state_precision.format_table(study)
+    )
     print(report)
     (args.out / "table.md").write_text(report + "\n")
     payload = {
@@ -451,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bandwidth": bandwidth,
         "trees": tree_info,
         "rows": rows,
+        "state_precision": study,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)

@@ -202,6 +202,21 @@ def test_chain_matches_the_same_chain_built_on_optax_rmsprop():
     chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rms", list(RMS_CONFIGS))
+def test_flatten_packs_the_state_into_one_buffer_with_the_same_trajectory(rms):
+    # optax.flatten is the packing opt-in for trees of many small leaves (see the README's
+    # Performance section): one contiguous buffer per state field, same arithmetic.
+    params, grads = make_params(), make_grads(seed=5)
+    tx = rmsprop_jax.rmsprop(0.05, **RMS_CONFIGS[rms])
+    packed = optax.flatten(tx)
+    nu = optax.tree_utils.tree_get(packed.init(params), "nu")
+    assert len(jax.tree.leaves(nu)) == 1
+    assert nu.shape == (sum(math.prod(s) for layer in SHAPES.values() for s in layer.values()),)
+    ours, _, _ = run(tx, params, grads)
+    flat, _, _ = run(packed, params, grads)
+    chex.assert_trees_all_close(flat, ours, **ULPS)
+
+
 # ------------------------------------------------- optax.masked / multi_transform
 
 
