@@ -32,17 +32,17 @@ def format_table(task: Task, rows: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"### {task.name} ({task.epochs} epochs, target train loss {task.target_loss})",
         "",
-        "Learning rate picked by seed 0's final training loss (bold); † marks a pick at an end "
-        "of the sweep.",
+        "Learning rate picked by the mean final training loss over seeds (bold); † marks a pick "
+        "at an end of the sweep.",
         "",
-        "| optimizer | lr (sweep: final train loss, seed 0) | train loss | test loss "
+        "| optimizer | lr (sweep: mean final train loss) | train loss | test loss "
         "| test accuracy | steps to target |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         sweep = ", ".join(
             ("**" if s["learning_rate"] == row["learning_rate"] else "")
-            + f"{s['learning_rate']:g}: {s['final_train_loss_seed0']:.3g}"
+            + f"{s['learning_rate']:g}: {s['final_train_loss_mean']:.3g}"
             + ("**" if s["learning_rate"] == row["learning_rate"] else "")
             for s in row["sweep"]
         )

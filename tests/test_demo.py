@@ -112,7 +112,7 @@ def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict
     for task in results["tasks"].values():
         assert list(task["optimizers"]) == optimizers
         for row in task["optimizers"].values():
-            assert len(row["sweep"]) == 4
+            assert len(row["sweep"]) == 5
             assert row["learning_rate"] in [s["learning_rate"] for s in row["sweep"]]
             assert len(row["curves"]["train_loss"][0]) == task["epochs"] + 1
     # Figures need matplotlib (the ``examples`` extra); without it the demo skips them.
