@@ -162,6 +162,11 @@ def scale_by_centered_rms(
             rho = step.rho.astype(dtype)
             new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
             new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
+            # The update uses the moments as stored (dtype policy).
+            stored_mu = _numerics.store(new_mu, mu.dtype, step.count, 2 * index + 1)
+            stored_nu = _numerics.store(new_nu, nu.dtype, step.count, 2 * index)
+            new_mu = _numerics.widen(stored_mu, dtype)
+            new_nu = stored_nu.astype(dtype)
             mu_hat, nu_hat = new_mu, new_nu
             if bias_correction:
                 mu_hat = _numerics.debias(new_mu, step.total_weight)
@@ -170,8 +175,8 @@ def scale_by_centered_rms(
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
                 _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),
-                _numerics.store(new_mu, mu.dtype, step.count, 2 * index + 1),
-                _numerics.store(new_nu, nu.dtype, step.count, 2 * index),
+                stored_mu,
+                stored_nu,
             )
 
         updates, mu, nu = _numerics.map_unzip(leaf, 3, updates, state.mu, state.nu)

@@ -47,11 +47,10 @@ def trace(
             v_wide = _numerics.widen(v, dtype)
             beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)
             new_m = _numerics.clip_finite(v_wide + beta * _numerics.widen(m, dtype))
+            stored_m = _numerics.saturating_cast(new_m, m.dtype)
+            new_m = _numerics.widen(stored_m, dtype)  # the update uses m as stored (dtype policy)
             update = _numerics.clip_finite(v_wide + beta * new_m) if nesterov else new_m
-            return (
-                _numerics.saturating_cast(update, v.dtype),
-                _numerics.saturating_cast(new_m, m.dtype),
-            )
+            return _numerics.saturating_cast(update, v.dtype), stored_m
 
         updates, new_trace = _numerics.map_unzip(leaf, 2, updates, state.trace)
         return updates, optax.TraceState(trace=new_trace)

@@ -18,7 +18,11 @@ This is the one place the policy is written; every ``*_dtype`` argument refers h
   complex, with at least the requested precision.
 * **Arithmetic.** Each leaf is computed in the widest of its gradient's precision,
   its state's precision and ``float32``: 16-bit state or gradients are widened to
-  ``float32`` for the arithmetic and only rounded when stored.
+  ``float32`` for the arithmetic and only rounded when stored. The update of a step
+  is computed from the moments *as stored*, after that rounding: the update and the
+  state never disagree (a restored checkpoint continues exactly), and XLA can write
+  the new state in place instead of keeping a copy of the old one alive for the
+  update (a copy that cost a full extra pass over ``nu`` with ``bfloat16`` state).
 * **Results.** Updates come back in the dtype of the incoming gradients and the
   state in its own dtype. Narrowing casts saturate at the largest finite value of
   the target dtype instead of overflowing to infinity (a ``float16`` gradient of 10

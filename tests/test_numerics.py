@@ -704,12 +704,12 @@ def test_float16_update_saturates_instead_of_overflowing(eps_in_sqrt):
 
 def test_narrow_state_saturates_instead_of_overflowing():
     # A gradient of 300 squares to 9e4 > 65504: a float16 nu saturates at its max.
-    # Closed form with decay 0: nu = g^2, stored as 65504; the update is computed in
-    # float32 before the state is rounded: 300 / sqrt(9e4 + eps) = 1.
+    # Closed form with decay 0: nu = g^2, stored as 65504; the update is computed from nu
+    # as stored (dtype policy): 300 / sqrt(65504 + eps) = 1.17216, finite, not 300 / inf.
     tx = rmsprop_jax.scale_by_rms(0.0, 1e-8, nu_dtype="float16")
     updates, state = tx.update(jnp.full(2, 300.0), tx.init(jnp.zeros(2)))
     np.testing.assert_array_equal(np.asarray(state.nu, np.float32), 65504.0)
-    np.testing.assert_allclose(np.asarray(updates), 300 / math.sqrt(9e4 + 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(updates), 300 / math.sqrt(65504 + 1e-8), rtol=1e-6)
 
 
 @pytest.mark.parametrize("argument", ["nu_dtype", "mu_dtype", "momentum_dtype"])

@@ -89,8 +89,9 @@ def test_bfloat16_state_is_deterministic():
 
 def test_bfloat16_state_trains_like_float32_where_round_to_nearest_drifts():
     # A real training (MLP on scikit-learn's digits, decay 0.999): the loss curve with
-    # stochastically rounded bfloat16 state stays within 3% of the float32-state curve at every
-    # step; rounding to nearest loses nu's decrements and strays by more than 10%.
+    # stochastically rounded bfloat16 state stays within 5% of the float32-state curve at every
+    # step (2.3% measured); rounding to nearest loses nu's decrements and strays by more than
+    # 15% (26.6% measured).
     pytest.importorskip("sklearn")
     from rmsprop_jax import _state_precision
 
@@ -98,6 +99,6 @@ def test_bfloat16_state_trains_like_float32_where_round_to_nearest_drifts():
     stochastic = results["bfloat16, stochastic rounding"]
     nearest = results["bfloat16, round to nearest"]
     assert results["float32 state"]["final_loss"] < 0.1  # it does train
-    assert stochastic["max_relative_deviation"] < 0.03
-    assert nearest["max_relative_deviation"] > 0.10
+    assert stochastic["max_relative_deviation"] < 0.05
+    assert nearest["max_relative_deviation"] > 0.15
     assert nearest["tail_mean_relative_deviation"] > 5 * stochastic["tail_mean_relative_deviation"]
