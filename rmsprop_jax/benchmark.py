@@ -1,7 +1,9 @@
 """Time one RMSProp train step: rmsprop_jax against optax.rmsprop and torch.optim.RMSprop.
 
-Run ``python -m rmsprop_jax.benchmark`` (a few minutes on 2 CPU cores; ``--quick`` scales every
-tree down and takes well under a minute). Kept out of the test suite; CI only smoke-runs it.
+Run ``python -m rmsprop_jax.benchmark`` (14 minutes on 2 CPU cores, most of it compiling the
+3000-leaf tree; ``--quick`` scales every tree down and takes under a minute). ``--trees`` and
+``--contenders`` narrow a run, e.g. to a two-way A/B on one tree. Kept out of the test suite;
+CI only smoke-runs it.
 
 A step is ``update`` then ``optax.apply_updates``, in one ``jax.jit`` that donates the
 parameters and the optimizer state; the gradients are fixed arrays passed in each step. PyTorch
@@ -264,6 +266,18 @@ def _contenders(
     return out
 
 
+# Command-line names of the contenders.
+CONTENDER_IDS = {
+    "ours": "rmsprop_jax",
+    "bf16": "rmsprop_jax bf16 state",
+    "packed": "rmsprop_jax packed",
+    "optax": "optax",
+    "torch-foreach": "torch foreach",
+    "torch-loop": "torch for-loop",
+}
+TREE_IDS = {"transformer": "transformer", "small-leaves": "small leaves", "vector": "vector"}
+
+
 def time_group(
     config: Config,
     params: dict[str, np.ndarray],
@@ -271,11 +285,14 @@ def time_group(
     scale: Scale,
     repeats: int,
     bandwidth: float,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Times every contender on one tree and configuration in interleaved rounds."""
+    """Times every contender (or those named in ``only``) in interleaved rounds."""
     n_params = sum(v.size for v in params.values())
     runners, ideal = {}, {}
     for name, (make, bytes_per_param) in _contenders(config, params, torch).items():
+        if only is not None and name not in only:
+            continue
         runners[name] = make()
         ideal[name] = bytes_per_param * n_params
     inner = {}
@@ -383,7 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller trees, fewer rounds (CI)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results"))
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (15; 5)")
+    parser.add_argument("--trees", nargs="+", choices=list(TREE_IDS), default=None)
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDER_IDS), default=None)
     args = parser.parse_args(argv)
+    only = None if args.contenders is None else [CONTENDER_IDS[c] for c in args.contenders]
+    tree_names = None if args.trees is None else {TREE_IDS[t] for t in args.trees}
     scale = QUICK if args.quick else FULL
     repeats = args.repeats if args.repeats is not None else scale.repeats
     if repeats < 1:
@@ -408,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tree_info = {}
         rng = np.random.default_rng(0)
         for tree_name, shapes in trees(scale).items():
+            if tree_names is not None and tree_name not in tree_names:
+                continue
             params = {
                 k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
                 for k, s in shapes.items()
@@ -416,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tree_info[tree_name] = {"parameters": size, "leaves": len(params)}
             for config in CONFIGS:
                 tick = time.perf_counter()
-                group = time_group(config, params, torch, scale, repeats, gbps)
+                group = time_group(config, params, torch, scale, repeats, gbps, only)
                 rows.extend({"tree": tree_name, **row} for row in group)
                 print(
                     f"{tree_name} / {config.name}: {time.perf_counter() - tick:.1f} s",
