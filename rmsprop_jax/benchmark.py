@@ -24,7 +24,8 @@ bytes a step must move (reading the gradient, parameter and state, writing the p
 state) divided by the streaming bandwidth measured in the same run.
 
 The run ends with the bfloat16-state training study of :mod:`rmsprop_jax._state_precision`
-(loss curves of float32, stochastically rounded and nearest-rounded bfloat16 state).
+(loss curves of float32, stochastically rounded and nearest-rounded bfloat16 state) and the
+hand-written step formulations of :mod:`rmsprop_jax._formulations`.
 
 Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
 ``benchmark.json``, in ``--out``.
@@ -51,7 +52,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
-from rmsprop_jax import _state_precision
+from rmsprop_jax import _formulations, _state_precision
 
 LEARNING_RATE = 1e-3
 DECAY = 0.9
@@ -453,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch is not None:
             torch.set_num_threads(previous_threads)
     study = _state_precision.compare(steps=300 if args.quick else 2000)
+    formulations = _formulations.compare(
+        size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
+    )
     wall_s = time.perf_counter() - start
 
     table = format_table(rows)
@@ -475,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n".join(f"* {note}" for note in notes)
         + "\n\n"
         + _state_precision.format_table(study)
+        + "\n\n"
+        + _formulations.format_table(formulations)
     )
     print(report)
     (args.out / "table.md").write_text(report + "\n")
@@ -488,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trees": tree_info,
         "rows": rows,
         "state_precision": study,
+        "formulations": formulations,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
