@@ -162,11 +162,10 @@ def scale_by_centered_rms(
             rho = step.rho.astype(dtype)
             new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
             new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
-            # The update uses the moments as stored (dtype policy).
-            stored_mu = _numerics.store(new_mu, mu.dtype, step.count, 2 * index + 1)
-            stored_nu = _numerics.store(new_nu, nu.dtype, step.count, 2 * index)
-            new_mu = _numerics.widen(stored_mu, dtype)
-            new_nu = stored_nu.astype(dtype)
+            stored_mu, new_mu = _numerics.store_and_reload(
+                new_mu, mu.dtype, step.count, 2 * index + 1
+            )
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
             mu_hat, nu_hat = new_mu, new_nu
             if bias_correction:
                 mu_hat = _numerics.debias(new_mu, step.total_weight)

@@ -133,8 +133,7 @@ def scale_by_rms(
             new_nu = _numerics.ema(
                 nu.astype(dtype), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
             )
-            stored_nu = _numerics.store(new_nu, nu.dtype, step.count, 2 * index)
-            new_nu = stored_nu.astype(dtype)  # the update uses nu as stored (dtype policy)
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
             nu_hat = _numerics.debias(new_nu, step.total_weight) if bias_correction else new_nu
             denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
             update = _numerics.safe_divide(g_wide, denom)
