@@ -30,7 +30,8 @@ def nearest_rounding_rmsprop(
 ) -> optax.GradientTransformation:
     """Plain RMSProp (eps inside the root) with ``nu`` kept in bfloat16, rounded to nearest.
 
-    The arithmetic runs in float32, as in rmsprop_jax; only the stored ``nu`` differs.
+    As in rmsprop_jax, the arithmetic runs in float32 and the update uses ``nu`` as stored;
+    only the rounding of the stored ``nu`` differs.
     """
 
     def init_fn(params: optax.Params) -> Any:
@@ -38,11 +39,17 @@ def nearest_rounding_rmsprop(
 
     def update_fn(grads: optax.Updates, nu: Any, params: optax.Params | None = None) -> Any:
         del params
-        wide = jax.tree.map(
-            lambda n, g: decay * n.astype(jnp.float32) + (1.0 - decay) * g * g, nu, grads
+        stored = jax.tree.map(
+            lambda n, g: (decay * n.astype(jnp.float32) + (1.0 - decay) * g * g).astype(
+                jnp.bfloat16
+            ),
+            nu,
+            grads,
         )
-        updates = jax.tree.map(lambda g, n: -learning_rate * g / jnp.sqrt(n + eps), grads, wide)
-        return updates, jax.tree.map(lambda n: n.astype(jnp.bfloat16), wide)
+        updates = jax.tree.map(
+            lambda g, n: -learning_rate * g / jnp.sqrt(n.astype(jnp.float32) + eps), grads, stored
+        )
+        return updates, stored
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -300,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task indices (0-3)")
     args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"`--seeds` must be at least 1, got {args.seeds}")
+    if args.limit < 0:
+        parser.error(f"`--limit` must be 0 (keep all) or positive, got {args.limit}")
+    bad_tasks = [i for i in args.tasks or [] if not 0 <= i <= 3]
+    if bad_tasks:
+        parser.error(f"`--tasks` takes indices 0-3, got {bad_tasks}")
 
     num_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds = list(range(args.seed, args.seed + num_seeds))

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import pathlib
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -138,3 +139,19 @@ def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
     assert demo.main([*argv, "--optimizers", "rmsprop", "--tasks", "1", "2"]) == 0
     results = _check_outputs(out, 2, ["rmsprop"])
     assert set(results["tasks"]) == {"MLP on mnist", "CNN on mnist"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0"], "`--seeds` must be at least 1, got 0"),
+        (["--limit", "-5"], "`--limit` must be 0"),
+        (["--tasks", "1", "7"], r"`--tasks` takes indices 0-3, got \[7\]"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    assert re.search(message, capsys.readouterr().err)
