@@ -102,9 +102,9 @@ def compare(
     Returns, per variant, the loss curve and its relative deviation from the float32 curve
     (largest, median, and of the mean over the last 10% of steps).
     """
-    from rmsprop_jax import _demo_data
+    from rmsprop_jax.demo import data as demo_data
 
-    data = _demo_data.load_digits(0)
+    data = demo_data.load_digits(0)
     x = jnp.asarray(data.x_train.reshape(len(data.x_train), -1))
     y = jnp.asarray(data.y_train)
     batches = jnp.asarray(np.random.default_rng(seed).integers(0, len(x), (steps, batch)))

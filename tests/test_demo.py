@@ -1,4 +1,4 @@
-"""Tests for ``rmsprop_jax.demo``: the MNIST and CIFAR-10 loaders on tiny files, and a short run."""
+"""Tests for ``rmsprop_jax.demo``: the MNIST and CIFAR-10 loaders on tiny files, and short runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pathlib
 import pickle
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
-from rmsprop_jax import _demo_data, demo
+from rmsprop_jax.demo import data as demo_data
+from rmsprop_jax.demo.__main__ import main
 
 
 def _write_idx(path: pathlib.Path, array: np.ndarray, compress: bool) -> None:
@@ -65,22 +68,22 @@ def test_read_idx_round_trip(tmp_path: pathlib.Path, compress: bool) -> None:
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     _write_idx(tmp_path / "a-idx3-ubyte", array, compress)
     path = tmp_path / ("a-idx3-ubyte.gz" if compress else "a-idx3-ubyte")
-    np.testing.assert_array_equal(_demo_data.read_idx(path), array)
+    np.testing.assert_array_equal(demo_data.read_idx(path), array)
 
 
 def test_read_idx_rejects_bad_files(tmp_path: pathlib.Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
     with pytest.raises(ValueError, match="not an IDX file"):
-        _demo_data.read_idx(tmp_path / "bad")
+        demo_data.read_idx(tmp_path / "bad")
     (tmp_path / "short").write_bytes(struct.pack(">II", 0x00000801, 10) + b"\x00" * 3)
     with pytest.raises(ValueError, match="truncated"):
-        _demo_data.read_idx(tmp_path / "short")
+        demo_data.read_idx(tmp_path / "short")
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
 def test_load_mnist(tmp_path: pathlib.Path, compress: bool) -> None:
     arrays = _write_mnist(tmp_path, compress)
-    data = _demo_data.find_image_dataset(tmp_path)
+    data = demo_data.find_image_dataset(tmp_path)
     assert data.name == "mnist" and data.num_classes == 10
     assert data.x_train.shape == (40, 28, 28, 1) and data.x_train.dtype == np.float32
     assert data.x_test.shape == (12, 28, 28, 1) and data.y_test.dtype == np.int32
@@ -92,7 +95,7 @@ def test_load_mnist(tmp_path: pathlib.Path, compress: bool) -> None:
 
 def test_load_cifar10(tmp_path: pathlib.Path) -> None:
     batches = _write_cifar(tmp_path)
-    data = _demo_data.find_image_dataset(tmp_path)
+    data = demo_data.find_image_dataset(tmp_path)
     assert data.name == "cifar10"
     assert data.x_train.shape == (12, 32, 32, 3) and data.x_test.shape == (6, 32, 32, 3)
     first = np.asarray(batches["data_batch_1"][b"data"])[0]
@@ -104,7 +107,7 @@ def test_load_cifar10(tmp_path: pathlib.Path) -> None:
 
 def test_missing_data_dir_names_the_formats(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileNotFoundError, match="MNIST IDX"):
-        _demo_data.find_image_dataset(tmp_path)
+        demo_data.find_image_dataset(tmp_path)
 
 
 def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict:
@@ -125,7 +128,7 @@ def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict
 
 def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     optimizers = ["rmsprop", "optax.adam"]
-    assert demo.main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
+    assert main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
     results = _check_outputs(tmp_path, 4, optimizers)
     assert "results.json" in capsys.readouterr().out
     digits_mlp = results["tasks"]["MLP on digits"]["optimizers"]["rmsprop"]
@@ -136,7 +139,7 @@ def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
     _write_mnist(tmp_path / "mnist", compress=True, n_train=128, n_test=32)
     out = tmp_path / "out"
     argv = ["--quick", "--out", str(out), "--data-dir", str(tmp_path / "mnist")]
-    assert demo.main([*argv, "--optimizers", "rmsprop", "--tasks", "1", "2"]) == 0
+    assert main([*argv, "--optimizers", "rmsprop", "--tasks", "1", "2"]) == 0
     results = _check_outputs(out, 2, ["rmsprop"])
     assert set(results["tasks"]) == {"MLP on mnist", "CNN on mnist"}
 
@@ -153,5 +156,21 @@ def test_bad_arguments_name_the_argument_and_value(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
-        demo.main(argv)
+        main(argv)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_runs_as_a_module() -> None:
+    # ``python -m rmsprop_jax.demo`` runs the package's ``__main__``; warnings are errors, so
+    # runpy's warning about a ``__main__`` module imported twice would fail this too.
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "rmsprop_jax.demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--quick", "--seeds", "--seed", "--out", "--data-dir", "--limit", "--tasks"):
+        assert flag in result.stdout
+    assert "--optimizers" in result.stdout

@@ -1,27 +1,17 @@
-"""Compare RMSProp variants with SGD, Adam, NAdam and Adagrad on four small Flax NNX models.
+"""The demo's optimizers, tasks and training loop.
 
-Run ``python -m rmsprop_jax.demo`` (a few minutes on 2 CPU cores; ``--quick`` takes well under a
-minute). Needs the ``examples`` extra (flax, scikit-learn, matplotlib; tqdm optional).
-
-The tasks: linear regression on synthetic data, an MLP and a small CNN on scikit-learn's bundled
-8x8 digits (no download; ``--data-dir`` switches them to MNIST or CIFAR-10 files you already
-have), and a GRU that counts the ones in a generated binary sequence. Every optimizer trains the
-same initialisation on the same mini-batches. Its learning rate is picked fairly from five
-values, half a decade apart, by the final training loss averaged over seeds; the table gives
-the mean ± std over seeds at that learning rate. All learning rates and seeds of one optimizer
-train together in a single ``vmap``-ed, ``jit``-compiled loop. Output: a table on stdout (also
-``table.md``), PNG loss and accuracy curves with min-max seed bands, and ``results.json`` in
-``--out``.
+Every optimizer (a :class:`Contender`) trains the same initialisation on the same mini-batches
+of a :class:`Task`. :func:`train_contender` trains all learning rates and seeds of one
+optimizer together in a single ``vmap``-ed, ``jit``-compiled loop; :func:`summarise` picks the
+learning rate from the five swept, half a decade apart, by the final training loss averaged
+over seeds and gives the mean ± std over seeds at that rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,7 +21,18 @@ import numpy as np
 import optax
 
 import rmsprop_jax
-from rmsprop_jax import _demo_data, _demo_report, presets
+from rmsprop_jax import presets
+from rmsprop_jax.demo import data as demo_data
+
+__all__ = [
+    "CONTENDERS",
+    "QUICK_CONTENDERS",
+    "Contender",
+    "Task",
+    "build_tasks",
+    "summarise",
+    "train_contender",
+]
 
 MakeTx = Callable[[jax.Array], optax.GradientTransformation]
 
@@ -83,7 +84,7 @@ class Task(NamedTuple):
     """One model on one data set."""
 
     name: str
-    data: _demo_data.Dataset
+    data: demo_data.Dataset
     make_model: Callable[[Any], Any]  # nnx.Rngs -> nnx.Module
     epochs: int
     batch: int
@@ -92,15 +93,15 @@ class Task(NamedTuple):
 
 def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[Task]:
     """The four tasks; ``quick`` shortens training, ``data_dir`` swaps digits for MNIST/CIFAR."""
-    from rmsprop_jax import _demo_models as models
+    from rmsprop_jax.demo import models
 
     images = (
-        _demo_data.load_digits(0)
+        demo_data.load_digits(0)
         if data_dir is None
-        else _subsample(_demo_data.find_image_dataset(data_dir), limit)
+        else _subsample(demo_data.find_image_dataset(data_dir), limit)
     )
-    linear = _demo_data.make_linear_regression(0)
-    sequences = _demo_data.make_sequence_count(0)
+    linear = demo_data.make_linear_regression(0)
+    sequences = demo_data.make_sequence_count(0)
     shape = tuple(images.x_train.shape[1:])
     epochs, short = (3, 3) if quick else (20, 15)  # the CNN and GRU take longer per epoch
     return [
@@ -139,7 +140,7 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
     ]
 
 
-def _subsample(data: _demo_data.Dataset, limit: int) -> _demo_data.Dataset:
+def _subsample(data: demo_data.Dataset, limit: int) -> demo_data.Dataset:
     """Keeps the first ``limit`` training and ``limit // 4`` test examples (0: keep all)."""
     if limit <= 0:
         return data
@@ -277,101 +278,3 @@ def summarise(task: Task, lrs: Sequence[float], curves: dict[str, np.ndarray]) -
     for key in ("train_loss", "test_loss", "test_accuracy"):
         summary[f"final_{key}"] = chosen[key][:, -1].tolist()
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the comparison; returns the exit status."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs, 1 seed, 5 optimizers (CI)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (3; quick 1)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("rmsprop_demo_out"))
-    parser.add_argument(
-        "--data-dir",
-        type=pathlib.Path,
-        default=None,
-        help="folder with MNIST IDX files or CIFAR-10 python batches, used instead of digits",
-    )
-    parser.add_argument(
-        "--limit", type=int, default=10000, help="with --data-dir: training examples kept (0: all)"
-    )
-    parser.add_argument(
-        "--optimizers", nargs="+", choices=sorted(CONTENDERS), default=None, help="a subset"
-    )
-    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task indices (0-3)")
-    args = parser.parse_args(argv)
-    if args.seeds is not None and args.seeds < 1:
-        parser.error(f"`--seeds` must be at least 1, got {args.seeds}")
-    if args.limit < 0:
-        parser.error(f"`--limit` must be 0 (keep all) or positive, got {args.limit}")
-    bad_tasks = [i for i in args.tasks or [] if not 0 <= i <= 3]
-    if bad_tasks:
-        parser.error(f"`--tasks` takes indices 0-3, got {bad_tasks}")
-
-    num_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    seeds = list(range(args.seed, args.seed + num_seeds))
-    tasks = build_tasks(args.quick, args.data_dir, args.limit)
-    if args.tasks is not None:
-        tasks = [tasks[i] for i in args.tasks]
-    names = args.optimizers or (QUICK_CONTENDERS if args.quick else list(CONTENDERS))
-    contenders = {k: CONTENDERS[k] for k in names}
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    start = time.perf_counter()
-    bar = _demo_report.progress(sum(t.epochs for t in tasks) * len(contenders))
-    results: dict[str, Any] = {}
-    try:
-        for task in tasks:
-            rows = {}
-            for name, contender in contenders.items():
-                bar.set_description(f"{task.name}: {name}")
-                curves = train_contender(task, contender, seeds, lambda: bar.update(1))
-                rows[name] = summarise(task, contender.learning_rates, curves)
-            results[task.name] = (task, rows)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-
-    tables = "\n\n".join(_demo_report.format_table(task, rows) for task, rows in results.values())
-    print(
-        f"\nseeds {seeds}; learning rate of each optimizer picked by the mean final training "
-        f"loss over seeds (bold); mean ± std over seeds; {seconds:.0f} s\n"
-    )
-    print(tables)
-    (args.out / "table.md").write_text(tables + "\n")
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("\nmatplotlib is not installed: no figures (pip install matplotlib)")
-    else:
-        for i, (task, rows) in enumerate(results.values()):
-            _demo_report.plot_task(
-                task, rows, args.out / f"task{i}_{task.name.replace(' ', '_')}.png"
-            )
-
-    payload = {
-        "seeds": seeds,
-        "quick": args.quick,
-        "seconds": seconds,
-        "jax_backend": jax.default_backend(),
-        "tasks": {
-            name: {
-                "data": task.data.name,
-                "epochs": task.epochs,
-                "batch": task.batch,
-                "steps_per_epoch": len(task.data.x_train) // task.batch,
-                "target_loss": task.target_loss,
-                "optimizers": rows,
-            }
-            for name, (task, rows) in results.items()
-        },
-    }
-    path = args.out / "results.json"
-    path.write_text(json.dumps(_demo_report.finite_or_none(payload), indent=1))
-    print(f"\nwrote {args.out.resolve()} (results.json, table.md, figures)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

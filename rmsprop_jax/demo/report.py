@@ -1,4 +1,4 @@
-"""Reporting for ``rmsprop_jax.demo``: the Markdown table, the figures, a progress bar, JSON."""
+"""The demo's output: the Markdown table, the figures, a progress bar and the JSON results."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from rmsprop_jax.demo import Task
+from rmsprop_jax.demo.training import Task
 
 __all__ = ["finite_or_none", "format_table", "plot_task", "progress"]
 
