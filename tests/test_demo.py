@@ -1,9 +1,10 @@
-"""Tests for ``rmsprop_jax.demo``: the MNIST and CIFAR-10 loaders on tiny files, and short runs."""
+"""Tests for ``rmsprop_jax.demo``: the MNIST and CIFAR-10 loaders, short runs, the progress bar."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import json
 import pathlib
 import pickle
@@ -11,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
 from rmsprop_jax.demo import data as demo_data
+from rmsprop_jax.demo import report
 from rmsprop_jax.demo.__main__ import main
 
 
@@ -130,7 +133,9 @@ def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -
     optimizers = ["rmsprop", "optax.adam"]
     assert main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
     results = _check_outputs(tmp_path, 4, optimizers)
-    assert "results.json" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "results.json" in captured.out
+    assert "\r" not in captured.err  # stderr is not a terminal here: no progress bar
     digits_mlp = results["tasks"]["MLP on digits"]["optimizers"]["rmsprop"]
     assert digits_mlp["final_test_accuracy"][0] > 0.5  # 3 epochs already learn the digits
 
@@ -174,3 +179,39 @@ def test_runs_as_a_module() -> None:
     for flag in ("--quick", "--seeds", "--seed", "--out", "--data-dir", "--limit", "--tasks"):
         assert flag in result.stdout
     assert "--optimizers" in result.stdout
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _drive(bar: Any) -> None:
+    bar.set_description("task: optimizer")
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+
+
+def test_progress_is_silent_when_stderr_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Under pytest's capture sys.stderr is not a terminal, as in a CI log or ``2> log``.
+    _drive(report.progress(4))
+    _drive(report.progress(4, io.StringIO()))
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False], ids=["tqdm", "fallback"])
+def test_progress_draws_on_a_terminal(
+    tqdm_installed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if tqdm_installed:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # makes the import fail
+    stream = _Terminal()
+    _drive(report.progress(4, stream))
+    assert "2/4" in stream.getvalue()

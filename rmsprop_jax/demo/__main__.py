@@ -11,7 +11,7 @@ values, half a decade apart, by the final training loss averaged over seeds; the
 the mean ± std over seeds at that learning rate. All learning rates and seeds of one optimizer
 train together in a single ``vmap``-ed, ``jit``-compiled loop. Output: a table on stdout (also
 ``table.md``), PNG loss and accuracy curves with min-max seed bands, and ``results.json`` in
-``--out``.
+``--out``. A progress bar counts epochs on stderr when stderr is a terminal.
 """
 
 from __future__ import annotations

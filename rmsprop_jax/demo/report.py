@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -86,10 +86,11 @@ def plot_task(task: Task, rows: dict[str, dict[str, Any]], path: pathlib.Path) -
 
 
 class _Bar:
-    """A minimal stand-in for ``tqdm`` that redraws one line on stderr."""
+    """A minimal stand-in for ``tqdm`` that redraws one line on ``stream``."""
 
-    def __init__(self, total: int, desc: str = "") -> None:
+    def __init__(self, total: int, stream: TextIO, desc: str = "") -> None:
         self.total, self.n, self.desc, self.start = total, 0, desc, time.perf_counter()
+        self.stream = stream
 
     def set_description(self, desc: str) -> None:
         self.desc = desc
@@ -98,24 +99,52 @@ class _Bar:
         self.n += n
         filled = int(30 * self.n / max(self.total, 1))
         elapsed = time.perf_counter() - self.start
-        sys.stderr.write(
+        self.stream.write(
             f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total} "
             f"{elapsed:5.0f}s {self.desc[:40]:<40}"
         )
-        sys.stderr.flush()
+        self.stream.flush()
 
     def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.stream.write("\n")
+        self.stream.flush()
 
 
-def progress(total: int) -> Any:
-    """A ``tqdm`` bar counting epochs when tqdm is installed, else :class:`_Bar`."""
+class _SilentBar:
+    """The progress bar's interface, writing nothing."""
+
+    def set_description(self, desc: str) -> None:
+        del desc
+
+    def update(self, n: int = 1) -> None:
+        del n
+
+    def close(self) -> None:
+        pass
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no ``isatty``, or a closed stream
+        return False
+
+
+def progress(total: int, stream: TextIO | None = None) -> Any:
+    """A bar counting epochs on ``stream`` (default ``sys.stderr``) if it is a terminal.
+
+    A ``tqdm`` bar when tqdm is installed, else :class:`_Bar`. When ``stream`` is a file or
+    a pipe (a CI log, ``2> log``) the bar would write a carriage-return update per epoch
+    into it, so the bar is silent there.
+    """
+    stream = sys.stderr if stream is None else stream
+    if not _is_terminal(stream):
+        return _SilentBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _Bar(total)
-    return tqdm(total=total, unit="epoch", dynamic_ncols=True)
+        return _Bar(total, stream)
+    return tqdm(total=total, unit="epoch", dynamic_ncols=True, file=stream)
 
 
 def finite_or_none(value: Any) -> Any:
