@@ -7,8 +7,9 @@ same MLP on scikit-learn's digits three times from the same initialisation and m
 float32 state, bfloat16 state with rmsprop_jax's stochastic rounding, and bfloat16 state
 rounded to nearest (:func:`nearest_rounding_rmsprop`, written here as the baseline, since
 rmsprop_jax itself always rounds bfloat16 state stochastically). It reports how far each
-loss curve strays from the float32 one. ``python -m rmsprop_jax.benchmark`` prints it;
-``tests/test_rounding.py`` asserts it.
+loss curve strays from the float32 one. ``python -m benchmarks`` prints it;
+``tests/test_rounding.py`` asserts it. The data come from the demo's public
+:mod:`rmsprop_jax.demo.data`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optax
 
 import rmsprop_jax
 
-__all__ = ["compare", "nearest_rounding_rmsprop"]
+__all__ = ["compare", "format_table", "nearest_rounding_rmsprop"]
 
 
 def nearest_rounding_rmsprop(

@@ -1,6 +1,6 @@
 """Hand-written RMSProp steps on one vector: how the formulation of a step changes its speed.
 
-Part of ``python -m rmsprop_jax.benchmark``. Each row is a jitted, donated step on the same
+Part of ``python -m benchmarks``. Each row is a jitted, donated step on the same
 float32 vector, timed in interleaved rounds and given as a multiple of the plain float32 step.
 They record what was tried for bfloat16 state on XLA:CPU and two choices inside the library:
 
@@ -28,7 +28,6 @@ import numpy as np
 import optax
 
 import rmsprop_jax
-from rmsprop_jax import _rounding
 
 __all__ = ["compare", "format_table"]
 
@@ -84,12 +83,33 @@ def _packed_pairs(p: jax.Array, nu: jax.Array, g: jax.Array) -> tuple[jax.Array,
     return jnp.concatenate([p_lo, p_hi]), packed
 
 
+def _murmur_finaliser(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: three xor-shifts and two multiplies per element."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _stochastic_to_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """float32 to bfloat16, rounded up with probability equal to the discarded fraction.
+
+    Clipped to bfloat16's finite range first; then 16 random bits are added below
+    bfloat16's last place and the low half-word is dropped.
+    """
+    big = float(jnp.finfo(_BF16).max)
+    raw = jax.lax.bitcast_convert_type(jnp.clip(x, -big, big), _U32)
+    raw = (raw + (bits & np.uint32(0xFFFF))) & np.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(raw, _F32).astype(_BF16)
+
+
 def _murmur_stochastic(p: jax.Array, nu: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # The library's stochastic rounding with a full MurmurHash3 finaliser per element (its
-    # first hash): bits = mix(index * golden + seed), seed fixed here.
+    # Stochastic rounding with a full MurmurHash3 finaliser per element, both written here:
+    # bits = finaliser(index * golden + seed), seed fixed.
     index = jax.lax.iota(_U32, p.shape[0])
-    bits = _rounding._mix(index * np.uint32(0x9E3779B9) + np.uint32(12345))
-    stored = _rounding.stochastic_round_bfloat16(_ema(nu.astype(_F32), g), bits)
+    bits = _murmur_finaliser(index * np.uint32(0x9E3779B9) + np.uint32(12345))
+    stored = _stochastic_to_bf16(_ema(nu.astype(_F32), g), bits)
     return p - LR * g / jnp.sqrt(stored.astype(_F32) + EPS), stored
 
 

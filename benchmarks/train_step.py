@@ -1,44 +1,31 @@
-"""Time one RMSProp train step: rmsprop_jax against optax.rmsprop and torch.optim.RMSprop.
+"""Timing of one RMSProp train step: rmsprop_jax against optax.rmsprop and torch.optim.RMSprop.
 
-Run ``python -m rmsprop_jax.benchmark`` (14 minutes on 2 CPU cores, most of it compiling the
-3000-leaf tree; ``--quick`` scales every tree down and takes under a minute). ``--trees`` and
-``--contenders`` narrow a run, e.g. to a two-way A/B on one tree. Kept out of the test suite;
-CI only smoke-runs it.
+Part of ``python -m benchmarks``. A step is ``update`` then ``optax.apply_updates``, in one
+``jax.jit`` that donates the parameters and the optimizer state; the gradients are fixed arrays
+passed in each step. PyTorch runs ``optimizer.step()`` with the same gradients assigned once to
+``.grad``, with ``foreach=True`` and ``foreach=False`` (when torch is importable).
+``rmsprop_jax packed`` is ``optax.flatten(rmsprop_jax.rmsprop(...))``: every leaf packed into
+one contiguous buffer.
 
-A step is ``update`` then ``optax.apply_updates``, in one ``jax.jit`` that donates the
-parameters and the optimizer state; the gradients are fixed arrays passed in each step. PyTorch
-runs ``optimizer.step()`` with the same gradients assigned once to ``.grad``, with
-``foreach=True`` and ``foreach=False`` (when torch is importable). ``rmsprop_jax packed`` is
-``optax.flatten(rmsprop_jax.rmsprop(...))``: every leaf packed into one contiguous buffer.
+Three trees (:func:`trees`): a transformer-shaped tree (~40M parameters in ~150 leaves), many
+small leaves (~3000 leaves, ~1.15M parameters) and one large vector (32M float32). Two
+configurations (:data:`CONFIGS`): ``plain`` (``rmsprop(lr)``) and ``centered+momentum+bias``
+(torch has no bias correction, so it runs centered with momentum only). ``rmsprop_jax bf16
+state`` keeps its statistics in bfloat16 (``nu_dtype`` and friends of
+:func:`rmsprop_jax.rmsprop`, stochastically rounded).
 
-Three trees: a transformer-shaped tree (~40M parameters in ~150 leaves), many small leaves (~3000
-leaves, ~1.15M parameters) and one large vector (32M float32). Two configurations: ``plain``
-(``rmsprop(lr)``) and ``centered+momentum+bias`` (torch has no bias correction, so it runs
-centered with momentum only). ``rmsprop_jax bf16 state`` keeps its statistics in bfloat16
-(stochastically rounded, see :mod:`rmsprop_jax._numerics`).
-
-All contenders of one tree and configuration are timed in interleaved rounds (A, B, C, A, B, C,
-... with the starting contender rotated each round) so that machine noise hits all alike; the
-ratios compare medians measured side by side in this run. The roofline is the ideal number of
-bytes a step must move (reading the gradient, parameter and state, writing the parameter and
-state) divided by the streaming bandwidth measured in the same run.
-
-The run ends with the bfloat16-state training study of :mod:`rmsprop_jax._state_precision`
-(loss curves of float32, stochastically rounded and nearest-rounded bfloat16 state) and the
-hand-written step formulations of :mod:`rmsprop_jax._formulations`.
-
-Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
-``benchmark.json``, in ``--out``.
+:func:`time_group` times all contenders of one tree and configuration in interleaved rounds
+(A, B, C, A, B, C, ... with the starting contender rotated each round) so that machine noise
+hits all alike; the ratios compare medians measured side by side in one run. The roofline is
+the ideal number of bytes a step must move (reading the gradient, parameter and state, writing
+the parameter and state) divided by the streaming bandwidth (:func:`measure_bandwidth`)
+measured in the same run.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import math
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -52,7 +39,21 @@ import numpy as np
 import optax
 
 import rmsprop_jax
-from rmsprop_jax import _formulations, _state_precision
+
+__all__ = [
+    "CONFIGS",
+    "CONTENDER_IDS",
+    "FULL",
+    "QUICK",
+    "TREE_IDS",
+    "Config",
+    "Scale",
+    "format_table",
+    "machine_info",
+    "measure_bandwidth",
+    "time_group",
+    "trees",
+]
 
 LEARNING_RATE = 1e-3
 DECAY = 0.9
@@ -393,113 +394,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['state_bytes'] / _MB:.1f} |"
         )
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark; returns the exit status."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller trees, fewer rounds (CI)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results"))
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (15; 5)")
-    parser.add_argument("--trees", nargs="+", choices=list(TREE_IDS), default=None)
-    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDER_IDS), default=None)
-    args = parser.parse_args(argv)
-    only = None if args.contenders is None else [CONTENDER_IDS[c] for c in args.contenders]
-    tree_names = None if args.trees is None else {TREE_IDS[t] for t in args.trees}
-    scale = QUICK if args.quick else FULL
-    repeats = args.repeats if args.repeats is not None else scale.repeats
-    if repeats < 1:
-        parser.error(f"`--repeats` must be at least 1, got {repeats}")
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    previous_threads = None if torch is None else torch.get_num_threads()
-    start = time.perf_counter()
-    try:
-        info = machine_info(torch)
-        if torch is not None:
-            torch.set_num_threads(info["cpu_count"])
-            info["torch_threads"] = torch.get_num_threads()
-        bandwidth = measure_bandwidth(scale.bandwidth_mb)
-        gbps = bandwidth["gb_per_s"]
-        print(f"streaming bandwidth: {gbps:.1f} GB/s", file=sys.stderr)
-        rows: list[dict[str, Any]] = []
-        tree_info = {}
-        rng = np.random.default_rng(0)
-        for tree_name, shapes in trees(scale).items():
-            if tree_names is not None and tree_name not in tree_names:
-                continue
-            params = {
-                k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
-                for k, s in shapes.items()
-            }
-            size = sum(v.size for v in params.values())
-            tree_info[tree_name] = {"parameters": size, "leaves": len(params)}
-            for config in CONFIGS:
-                tick = time.perf_counter()
-                group = time_group(config, params, torch, scale, repeats, gbps, only)
-                rows.extend({"tree": tree_name, **row} for row in group)
-                print(
-                    f"{tree_name} / {config.name}: {time.perf_counter() - tick:.1f} s",
-                    file=sys.stderr,
-                )
-                del group
-                gc.collect()  # free this group's parameters and states before the next
-            del params
-            gc.collect()
-    finally:
-        if torch is not None:
-            torch.set_num_threads(previous_threads)
-    study = _state_precision.compare(steps=300 if args.quick else 2000)
-    formulations = _formulations.compare(
-        size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
-    )
-    wall_s = time.perf_counter() - start
-
-    table = format_table(rows)
-    described = "; ".join(
-        f"{name}: {t['parameters'] / 1e6:.2f}M parameters in {t['leaves']} leaves"
-        for name, t in tree_info.items()
-    )
-    notes = [
-        f"Trees: {described}.",
-        f"Streaming bandwidth (jitted in-place x*a+b on {scale.bandwidth_mb} MB, median of "
-        f"{len(bandwidth['seconds'])}): {gbps:.1f} GB/s. Roofline: 20 bytes per parameter "
-        "(plain), 36 (centered+momentum), 16 and 24 with bfloat16 state.",
-        f"Ratios: medians of {repeats} interleaved rounds. {info['cpu_count']} CPUs, "
-        f"jax {info['jax']}, optax {info['optax']}, torch {info['torch']}; {wall_s:.0f} s.",
-        f"¹ {CONFIGS[1].note}.",
-    ]
-    report = (
-        table
-        + "\n\n"
-        + "\n".join(f"* {note}" for note in notes)
-        + "\n\n"
-        + _state_precision.format_table(study)
-        + "\n\n"
-        + _formulations.format_table(formulations)
-    )
-    print(report)
-    (args.out / "table.md").write_text(report + "\n")
-    payload = {
-        "quick": args.quick,
-        "repeats": repeats,
-        "scale": scale._asdict(),
-        "wall_s": wall_s,
-        "machine": info,
-        "bandwidth": bandwidth,
-        "trees": tree_info,
-        "rows": rows,
-        "state_precision": study,
-        "formulations": formulations,
-    }
-    (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
