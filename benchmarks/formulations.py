@@ -1,17 +1,20 @@
-"""Hand-written RMSProp steps on one vector: how the formulation of a step changes its speed.
+"""Formulations of one RMSProp step on one vector: how the way a step is written changes its speed.
 
-Part of ``python -m benchmarks``. Each row is a jitted, donated step on the same
-float32 vector, timed in interleaved rounds and given as a multiple of the plain float32 step.
-They record what was tried for bfloat16 state on XLA:CPU and two choices inside the library:
+Part of ``python -m benchmarks``. Each row is a jitted, donated step on the same float32
+vector, timed in interleaved rounds and given as a multiple of the plain float32 step. Rows
+whose step is "hand-written" are experiments written out in this module; rows whose step is
+``rmsprop_jax.rmsprop`` time the library itself (``update`` and ``optax.apply_updates``), so
+each experiment sits next to what the library does. The experiments record what was tried for
+bfloat16 state on XLA:CPU and for two choices inside the library:
 
 * bfloat16 ``nu`` computed in float32 and stored with ``astype``, with ``uint16`` bit shifts,
   or as two bfloat16 values packed into one ``uint32``, each with the update taken from the
   unrounded ``nu`` (XLA then keeps the old state alive for a second pass), and with the update
   taken from ``nu`` as stored (what the library does);
-* stochastic rounding with the library's per-element hash and with a full MurmurHash3
-  finaliser per element;
+* stochastic rounding with a full MurmurHash3 finaliser per element and with one multiply and
+  one xor-shift per element (the cost of the hash that draws the random bits);
 * a momentum step whose overflow guard is ``jnp.clip`` against one that replaces infinities
-  with a select (the library's ``clip_finite``);
+  with a select;
 * ``rsqrt`` in place of a square root and a division.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +86,27 @@ def _packed_pairs(p: jax.Array, nu: jax.Array, g: jax.Array) -> tuple[jax.Array,
     return jnp.concatenate([p_lo, p_hi]), packed
 
 
+_SEED = np.uint32(12345)  # a fixed seed: the hashes below vary only with the index
+
+
 def _murmur_finaliser(h: jax.Array) -> jax.Array:
     """MurmurHash3's 32-bit finaliser: three xor-shifts and two multiplies per element."""
     h = h ^ (h >> 16)
     h = h * np.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
     h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _bits_full_mix(n: int) -> jax.Array:
+    """Random bits per element from the full finaliser of (index * golden ratio + seed)."""
+    index = jax.lax.iota(_U32, n)
+    return _murmur_finaliser(index * np.uint32(0x9E3779B9) + _SEED)
+
+
+def _bits_multiply_xorshift(n: int) -> jax.Array:
+    """Random bits per element from one multiply and one xor-shift of (index ^ seed)."""
+    h = (jax.lax.iota(_U32, n) ^ _SEED) * np.uint32(0x85EBCA6B)
     return h ^ (h >> 16)
 
 
@@ -104,13 +122,12 @@ def _stochastic_to_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(raw, _F32).astype(_BF16)
 
 
-def _murmur_stochastic(p: jax.Array, nu: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Stochastic rounding with a full MurmurHash3 finaliser per element, both written here:
-    # bits = finaliser(index * golden + seed), seed fixed.
-    index = jax.lax.iota(_U32, p.shape[0])
-    bits = _murmur_finaliser(index * np.uint32(0x9E3779B9) + np.uint32(12345))
-    stored = _stochastic_to_bf16(_ema(nu.astype(_F32), g), bits)
-    return p - LR * g / jnp.sqrt(stored.astype(_F32) + EPS), stored
+def _stochastic(bits: Callable[[int], jax.Array]) -> Callable[..., Any]:
+    def step(p: jax.Array, nu: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        stored = _stochastic_to_bf16(_ema(nu.astype(_F32), g), bits(p.shape[0]))
+        return p - LR * g / jnp.sqrt(stored.astype(_F32) + EPS), stored
+
+    return step
 
 
 def _momentum(guard: Callable[[jax.Array], jax.Array]) -> Callable[..., Any]:
@@ -132,6 +149,8 @@ def _select_guard(x: jax.Array) -> jax.Array:
 
 
 def _library(tx: optax.GradientTransformation) -> Callable[..., Any]:
+    """The library's step: ``tx.update``, then ``optax.apply_updates``."""
+
     def step(p: jax.Array, state: Any, g: jax.Array) -> tuple[Any, Any]:
         updates, state = tx.update(g, state, p)
         return optax.apply_updates(p, updates), state
@@ -139,36 +158,66 @@ def _library(tx: optax.GradientTransformation) -> Callable[..., Any]:
     return step
 
 
-def _variants(p: jax.Array) -> dict[str, tuple[Callable[..., Any], Any]]:
+class _Row(NamedTuple):
+    step_from: str  # "hand-written" (this module) or "rmsprop_jax.rmsprop" (the library)
+    formulation: str
+    fn: Callable[..., Any]  # (p, state, g) -> (p, state)
+    state: Any
+
+
+_HAND = "hand-written"
+_LIB = "rmsprop_jax.rmsprop"
+
+
+def _rows(p: jax.Array) -> list[_Row]:
     n = p.shape[0]
-    bf16_library = rmsprop_jax.rmsprop(LR, RHO, EPS, nu_dtype=_BF16)
-    return {
-        "float32 nu (reference)": (_plain, jnp.zeros(n, _F32)),
-        "float32 nu, rsqrt instead of sqrt and divide": (_rsqrt, jnp.zeros(n, _F32)),
-        "bf16 nu, astype, update from unrounded nu": (_bf16_unrounded, jnp.zeros(n, _BF16)),
-        "bf16 nu, uint16 bit shifts, update from unrounded": (
+
+    def library(formulation: str, **kwargs: Any) -> _Row:
+        tx = rmsprop_jax.rmsprop(LR, decay=RHO, eps=EPS, **kwargs)
+        return _Row(_LIB, formulation, _library(tx), tx.init(p))
+
+    # Fresh zeros for every row: the steps donate their state.
+    def f32() -> jax.Array:
+        return jnp.zeros(n, _F32)
+
+    def bf16() -> jax.Array:
+        return jnp.zeros(n, _BF16)
+
+    return [
+        _Row(_HAND, "float32 nu (reference)", _plain, f32()),
+        _Row(_HAND, "float32 nu, rsqrt instead of sqrt and divide", _rsqrt, f32()),
+        library("float32 nu"),
+        _Row(_HAND, "bf16 nu, astype, update from unrounded nu", _bf16_unrounded, bf16()),
+        _Row(
+            _HAND,
+            "bf16 nu, uint16 bit shifts, update from unrounded",
             _uint16_unrounded,
             jnp.zeros(n, _U16),
         ),
-        "bf16 nu, two per uint32, update from unrounded": (_packed_pairs, jnp.zeros(n // 2, _U32)),
-        "bf16 nu, astype, update from stored nu": (_bf16_stored, jnp.zeros(n, _BF16)),
-        "bf16 nu, stochastic, full MurmurHash3 per element": (
-            _murmur_stochastic,
-            jnp.zeros(n, _BF16),
+        _Row(
+            _HAND,
+            "bf16 nu, two per uint32, update from unrounded",
+            _packed_pairs,
+            jnp.zeros(n // 2, _U32),
         ),
-        "bf16 nu, stochastic (rmsprop_jax, nu_dtype=bfloat16)": (
-            _library(bf16_library),
-            bf16_library.init(p),
+        _Row(_HAND, "bf16 nu, astype, update from stored nu", _bf16_stored, bf16()),
+        _Row(
+            _HAND,
+            "bf16 nu, stochastic, full MurmurHash3 finaliser per element",
+            _stochastic(_bits_full_mix),
+            bf16(),
         ),
-        "float32 momentum, jnp.clip guard": (
-            _momentum(_clip_guard),
-            (jnp.zeros(n, _F32), jnp.zeros(n, _F32)),
+        _Row(
+            _HAND,
+            "bf16 nu, stochastic, one multiply and xor-shift per element",
+            _stochastic(_bits_multiply_xorshift),
+            bf16(),
         ),
-        "float32 momentum, select guard (rmsprop_jax)": (
-            _momentum(_select_guard),
-            (jnp.zeros(n, _F32), jnp.zeros(n, _F32)),
-        ),
-    }
+        library("bf16 nu (nu_dtype=bfloat16), stochastic", nu_dtype=_BF16),
+        _Row(_HAND, "float32 momentum, jnp.clip guard", _momentum(_clip_guard), (f32(), f32())),
+        _Row(_HAND, "float32 momentum, select guard", _momentum(_select_guard), (f32(), f32())),
+        library(f"float32 momentum {BETA}", momentum=BETA),
+    ]
 
 
 def compare(size: int, repeats: int, steps_per_sample: int = 3) -> dict[str, Any]:
@@ -176,38 +225,38 @@ def compare(size: int, repeats: int, steps_per_sample: int = 3) -> dict[str, Any
     rng = np.random.default_rng(0)
     p0 = jnp.asarray(rng.standard_normal(size, dtype=np.float32))
     g = p0 * np.float32(0.05)
-    runners = {}
-    for name, (fn, state) in _variants(p0).items():
-        step = jax.jit(fn, donate_argnums=(0, 1))
-        carry = list(jax.block_until_ready(step(jnp.array(p0), state, g)))
-        runners[name] = (step, carry)
-    names = list(runners)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    rows = _rows(p0)
+    runners = []
+    for row in rows:
+        step = jax.jit(row.fn, donate_argnums=(0, 1))
+        carry = list(jax.block_until_ready(step(jnp.array(p0), row.state, g)))
+        runners.append((step, carry))
+    samples: list[list[float]] = [[] for _ in rows]
     for round_ in range(repeats):
-        for offset in range(len(names)):
-            name = names[(round_ + offset) % len(names)]
-            step, carry = runners[name]
+        for offset in range(len(rows)):
+            i = (round_ + offset) % len(rows)
+            step, carry = runners[i]
             start = time.perf_counter()
             for _ in range(steps_per_sample):
                 carry[:] = step(carry[0], carry[1], g)
             jax.block_until_ready(carry)
-            samples[name].append((time.perf_counter() - start) / steps_per_sample)
-    reference = names[0]
-    ref_median = statistics.median(samples[reference])
-    ref_min = min(samples[reference])
+            samples[i].append((time.perf_counter() - start) / steps_per_sample)
+    ref_median = statistics.median(samples[0])  # the hand-written float32 step
+    ref_min = min(samples[0])
     return {
         "size": size,
         "repeats": repeats,
         "rows": [
             {
-                "formulation": name,
-                "median_s": statistics.median(samples[name]),
-                "min_s": min(samples[name]),
-                "vs_float32_median": statistics.median(samples[name]) / ref_median,
-                "vs_float32_min": min(samples[name]) / ref_min,
-                "seconds": samples[name],
+                "step_from": row.step_from,
+                "formulation": row.formulation,
+                "median_s": statistics.median(seconds),
+                "min_s": min(seconds),
+                "vs_float32_median": statistics.median(seconds) / ref_median,
+                "vs_float32_min": min(seconds) / ref_min,
+                "seconds": seconds,
             }
-            for name in names
+            for row, seconds in zip(rows, samples)
         ],
     }
 
@@ -216,14 +265,17 @@ def format_table(results: dict[str, Any]) -> str:
     """A Markdown table of :func:`compare`'s rows."""
     lines = [
         f"Formulations of one step on a {results['size'] / 1e6:.1f}M float32 vector "
-        f"({results['repeats']} interleaved rounds)",
+        f"({results['repeats']} interleaved rounds); hand-written steps are in "
+        "benchmarks/formulations.py, the others are the library's",
         "",
-        "| formulation | median ms | min ms | × float32 step (median) | × float32 step (min) |",
-        "|---|--:|--:|--:|--:|",
+        "| step | formulation | median ms | min ms | × float32 step (median) "
+        "| × float32 step (min) |",
+        "|---|---|--:|--:|--:|--:|",
     ]
     for row in results["rows"]:
         lines.append(
-            f"| {row['formulation']} | {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f} "
-            f"| {row['vs_float32_median']:.2f} | {row['vs_float32_min']:.2f} |"
+            f"| {row['step_from']} | {row['formulation']} | {row['median_s'] * 1e3:.2f} "
+            f"| {row['min_s'] * 1e3:.2f} | {row['vs_float32_median']:.2f} "
+            f"| {row['vs_float32_min']:.2f} |"
         )
     return "\n".join(lines)
