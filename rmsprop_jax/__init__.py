@@ -11,6 +11,8 @@ from rmsprop_jax._centered import ScaleByCenteredRmsState as ScaleByCenteredRmsS
 from rmsprop_jax._centered import scale_by_centered_rms as scale_by_centered_rms
 from rmsprop_jax._rms import ScaleByRmsState as ScaleByRmsState
 from rmsprop_jax._rms import scale_by_rms as scale_by_rms
+from rmsprop_jax._validation import runtime_checks as runtime_checks
+from rmsprop_jax._validation import runtime_checks_enabled as runtime_checks_enabled
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "bias_correction",
     "presets",
     "rmsprop",
+    "runtime_checks",
+    "runtime_checks_enabled",
     "scale_by_centered_rms",
     "scale_by_rms",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,6 +26,7 @@ def _scale_by_learning_rate(
     update's dtype, per the dtype policy.
     """
     scheduled = callable(learning_rate)
+    naming = _validation.current_naming()
 
     def init_fn(params: optax.Params) -> optax.ScaleByScheduleState | optax.EmptyState:
         del params
@@ -42,15 +45,43 @@ def _scale_by_learning_rate(
             state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
         else:
             eta = learning_rate
+        _validation.check_at_run_time([("learning_rate", eta, _validation.NON_NEGATIVE)], naming)
 
         def scale(update: jax.Array) -> jax.Array:
             wide = _numerics.widen(update, _numerics.compute_dtype(update.dtype))
             product = wide * (-jnp.asarray(eta).astype(wide.dtype))
-            return _numerics.saturating_cast(_numerics.clip_finite(product), update.dtype)
+            return _numerics.saturating_cast(product, update.dtype)
 
         return jax.tree.map(scale, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scaling_transform(
+    centered: bool,
+    decay: float | jax.Array | Schedule,
+    eps: jax.typing.ArrayLike,
+    *,
+    eps_in_sqrt: bool,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    bias_correction: bool = False,
+    nu_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    """The head of every RMSProp chain: :func:`scale_by_centered_rms` if ``centered``,
+    else :func:`scale_by_rms` (which has no ``mu_dtype``)."""
+    _validation.check_bool("centered", centered)
+    factory = (
+        functools.partial(scale_by_centered_rms, mu_dtype=mu_dtype) if centered else scale_by_rms
+    )
+    return factory(
+        decay,
+        eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=initial_scale,
+        bias_correction=bias_correction,
+        nu_dtype=nu_dtype,
+    )
 
 
 def learning_rate_and_momentum(
@@ -60,7 +91,6 @@ def learning_rate_and_momentum(
     nesterov: bool,
     learning_rate_in_momentum: bool,
     momentum_dtype: jax.typing.DTypeLike | None,
-    learning_rate_name: str = "learning_rate",
 ) -> list[optax.GradientTransformation]:
     """The tail of every RMSProp chain: ``-learning_rate`` and the momentum buffer.
 
@@ -70,15 +100,21 @@ def learning_rate_and_momentum(
     over time. ``momentum=None`` or a Python ``0``/``0.0`` allocates no buffer
     (as the frameworks do); a momentum given as an array (e.g. by
     ``optax.inject_hyperparams``) always has one, so the state's layout never
-    depends on a traced value.
+    depends on a traced value. Errors use the naming in force
+    (:func:`_validation.named_as`).
     """
-    _validation.check_scalar(learning_rate_name, learning_rate, low=0.0, allow_schedule=True)
+    _validation.check_scalar(
+        "learning_rate", learning_rate, _validation.NON_NEGATIVE, allow_schedule=True
+    )
     _validation.check_bool("nesterov", nesterov)
     _validation.check_bool("learning_rate_in_momentum", learning_rate_in_momentum)
     scale = _scale_by_learning_rate(learning_rate)
     if momentum is None or _validation.is_python_zero(momentum):
         if nesterov:
-            raise ValueError(f"`nesterov=True` needs a `momentum`, got momentum={momentum!r}.")
+            raise ValueError(
+                f"{_validation.current_naming().prefix}`nesterov=True` needs a `momentum`, "
+                f"got momentum={momentum!r}."
+            )
         return [scale]
     buffer = _momentum.trace(momentum, nesterov=nesterov, trace_dtype=momentum_dtype)
     return [scale, buffer] if learning_rate_in_momentum else [buffer, scale]
@@ -174,33 +210,26 @@ def rmsprop(
       >>> bool(jnp.all(jnp.abs(params) < 0.5))
       True
     """
-    _validation.check_bool("centered", centered)
-    if centered:
-        scaling = scale_by_centered_rms(
+    with _validation.named_as("rmsprop"):
+        if not centered and mu_dtype is not None:
+            raise ValueError(
+                f"`rmsprop`: `mu_dtype` applies only with `centered=True`, got {mu_dtype!r}."
+            )
+        scaling = scaling_transform(
+            centered,
             decay,
             eps,
             eps_in_sqrt=eps_in_sqrt,
             initial_scale=initial_scale,
             bias_correction=bias_correction,
+            nu_dtype=nu_dtype,
             mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
         )
-    else:
-        if mu_dtype is not None:
-            raise ValueError(f"`mu_dtype` applies only with `centered=True`, got {mu_dtype!r}.")
-        scaling = scale_by_rms(
-            decay,
-            eps,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            bias_correction=bias_correction,
-            nu_dtype=nu_dtype,
+        tail = learning_rate_and_momentum(
+            learning_rate,
+            momentum,
+            nesterov=nesterov,
+            learning_rate_in_momentum=learning_rate_in_momentum,
+            momentum_dtype=momentum_dtype,
         )
-    tail = learning_rate_and_momentum(
-        learning_rate,
-        momentum,
-        nesterov=nesterov,
-        learning_rate_in_momentum=learning_rate_in_momentum,
-        momentum_dtype=momentum_dtype,
-    )
     return optax.chain(scaling, *tail)

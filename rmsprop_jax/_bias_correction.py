@@ -79,7 +79,8 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
       >>> print(updates)
       [1. 1.]
     """
-    _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
+    naming = _validation.current_naming()
+    _validation.check_scalar("decay", decay, _validation.UNIT, allow_schedule=True)
 
     def init_fn(params: optax.Params) -> BiasCorrectionState:
         del params
@@ -95,6 +96,9 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
     ) -> tuple[optax.Updates, BiasCorrectionState]:
         del params
         step = _numerics.decay_step(decay, state.count, state.total_weight)
+        _validation.check_at_run_time(
+            [("decay", step.rho if callable(decay) else decay, _validation.UNIT)], naming
+        )
         # sqrt(w) = 1 / sqrt(debias(1, w)): the no-sample rule lives in debias.
         factor = jax.lax.rsqrt(
             _numerics.debias(jnp.ones_like(step.total_weight), step.total_weight)

@@ -118,15 +118,21 @@ def scale_by_centered_rms(
       >>> print(f"{float(updates[0]):.4f}")
       2.3094
     """
-    _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
-    _validation.check_scalar("eps", eps, low=0.0)
-    _validation.check_scalar("initial_scale", initial_scale, low=0.0)
+    naming = _validation.current_naming()
+    _validation.check_scalar("decay", decay, _validation.UNIT, allow_schedule=True)
+    _validation.check_scalar("eps", eps, _validation.NON_NEGATIVE)
+    _validation.check_scalar("initial_scale", initial_scale, _validation.NON_NEGATIVE)
     _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
     _validation.check_bool("bias_correction", bias_correction)
     mu_dtype = _validation.resolve_dtype("mu_dtype", mu_dtype)
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByCenteredRmsState:
+        _validation.check_params_inexact(params, naming.caller or "scale_by_centered_rms")
+        _validation.check_at_run_time(
+            [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
+        )
+
         def mu_leaf(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), mu_dtype, real=False)
             return jnp.zeros_like(param, dtype=dtype)
@@ -150,6 +156,13 @@ def scale_by_centered_rms(
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
         step = _numerics.decay_step(decay, state.count, state.total_weight)
+        _validation.check_at_run_time(
+            [
+                ("decay", step.rho if callable(decay) else decay, _validation.UNIT),
+                ("eps", eps, _validation.NON_NEGATIVE),
+            ],
+            naming,
+        )
         one_sample = step.rho == 0
         if bias_correction:
             one_sample = one_sample | (step.previous_total_weight == 0)
@@ -162,15 +175,24 @@ def scale_by_centered_rms(
             rho = step.rho.astype(dtype)
             new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
             new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
+            # Where nu saturated, its true value, and so the variance, is unknown: this
+            # step divides by nu (an upper bound of the variance), and mu is brought back
+            # within the bound the averages keep, so later variances stay meaningful
+            # (the saturation rule in _numerics).
+            saturated = _numerics.is_saturated(stored_nu)
+            new_mu = jnp.where(
+                saturated, _numerics.bounded_mean(new_mu, new_nu, step.total_weight), new_mu
+            )
             stored_mu, new_mu = _numerics.store_and_reload(
                 new_mu, mu.dtype, step.count, 2 * index + 1
             )
-            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
             mu_hat, nu_hat = new_mu, new_nu
+            uncentered = one_sample | saturated
             if bias_correction:
                 mu_hat = _numerics.debias(new_mu, step.total_weight)
                 nu_hat = _numerics.debias(new_nu, step.total_weight)
-            second_moment = jnp.where(one_sample, nu_hat, _numerics.variance(nu_hat, mu_hat))
+            second_moment = jnp.where(uncentered, nu_hat, _numerics.variance(nu_hat, mu_hat))
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
                 _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),

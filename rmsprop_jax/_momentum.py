@@ -24,7 +24,8 @@ def trace(
     statistics per its dtype policy and returns updates in the gradient dtype.
     The state is an ``optax.TraceState``.
     """
-    _validation.check_scalar("momentum", decay, low=0.0, high=1.0, high_inclusive=False)
+    naming = _validation.current_naming()
+    _validation.check_scalar("momentum", decay, _validation.MOMENTUM)
     _validation.check_bool("nesterov", nesterov)
     trace_dtype = _validation.resolve_dtype("momentum_dtype", trace_dtype)
 
@@ -40,16 +41,17 @@ def trace(
     ) -> tuple[optax.Updates, optax.TraceState]:
         del params
         _validation.check_updates_match(updates, state.trace, "trace")
+        _validation.check_at_run_time([("momentum", decay, _validation.MOMENTUM)], naming)
 
         def leaf(index: int, v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
             del index
             dtype = _numerics.compute_dtype(v.dtype, m.dtype)
             v_wide = _numerics.widen(v, dtype)
             beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)
-            new_m = _numerics.clip_finite(v_wide + beta * _numerics.widen(m, dtype))
+            new_m = v_wide + beta * _numerics.widen(m, dtype)
             stored_m = _numerics.saturating_cast(new_m, m.dtype)
             new_m = _numerics.widen(stored_m, dtype)  # the update uses m as stored (dtype policy)
-            update = _numerics.clip_finite(v_wide + beta * new_m) if nesterov else new_m
+            update = v_wide + beta * new_m if nesterov else new_m
             return _numerics.saturating_cast(update, v.dtype), stored_m
 
         updates, new_trace = _numerics.map_unzip(leaf, 2, updates, state.trace)

@@ -30,26 +30,43 @@ This is the one place the policy is written; every ``*_dtype`` argument refers h
 
 Finite in, finite out
 ---------------------
-With finite gradients and finite state no function here returns a NaN or an
-infinity:
+With finite gradients and finite hyperparameters no function here returns a NaN or
+an infinity, and nothing is silently frozen. One rule covers the range:
 
-* the variance :math:`\nu - |\mu|^2` is clamped at zero before its root, since
-  rounding makes it negative when gradients are nearly constant;
-* a division whose denominator is exactly zero (only possible with ``eps=0``)
-  returns zero: a zero gradient gets a zero update (:math:`0/0`), and so does a
-  gradient whose square underflows to zero or, in the centered variant, a
-  gradient equal to its running mean;
-* a quotient, momentum sum or learning-rate product whose exact value lies beyond
-  the dtype's range (e.g. :math:`g/\epsilon` with a tiny ``eps`` outside the
-  root) saturates at the largest finite value instead of becoming infinite;
-* bias correction with no sample absorbed yet (:math:`1 - \prod_i \rho_i = 0`)
-  divides by one.
+* **Saturation.** Every value leaves through :func:`saturating_cast`, which maps a
+  value beyond its target dtype's finite range to the largest finite value of that
+  dtype (same sign): a stored statistic (:math:`\nu`, :math:`\mu`, a momentum
+  trace), an update, a learning-rate product. A gradient whose square overflows
+  (above :math:`\sqrt{\max} \approx 1.8\times10^{19}` in ``float32``) leaves
+  :math:`\nu` at the largest finite value, so the update is
+  :math:`g/\sqrt{\max + \epsilon}` (:math:`|u| \le \sqrt{\max}`), small but not
+  zero, and :math:`\nu` decays back into range as later gradients shrink. The same
+  holds for the bias-corrected moments (:func:`debias`) and the denominator
+  (:func:`denominator`, e.g. an ``eps`` near the range's end inside the root).
+* **Saturated centered moments.** Once :math:`\nu` is saturated its true value is
+  unknown, so :math:`\nu - |\mu|^2` means nothing; the centered transform then
+  divides by :math:`\nu` itself, an upper bound of the variance, which makes the
+  update no larger than the plain transform's (see :func:`is_saturated`).
+* **The clamp.** The variance :math:`\nu - |\mu|^2` is clamped at zero before its
+  root, since rounding makes it negative when gradients are nearly constant.
+* **Zero denominators.** A division whose denominator is exactly zero (only
+  possible with ``eps=0``) returns zero: a zero gradient gets a zero update
+  (:math:`0/0`), and so does a gradient whose square underflows to zero or, in the
+  centered variant, a gradient equal to its running mean.
+* **No sample yet.** Bias correction with no sample absorbed
+  (:math:`1 - \prod_i \rho_i = 0`, e.g. a decay of 1) divides by one.
+* **Hyperparameters.** Out-of-range values are refused: when the transform is
+  built, or, for values known only when the step runs (schedules,
+  ``optax.inject_hyperparams``), by a check inside the step (see
+  :func:`rmsprop_jax.runtime_checks`).
 
-Non-finite gradients are not masked: a NaN gradient makes its elements of
-``nu`` (and ``mu``) NaN for good, and an infinite one makes ``nu`` infinite; the
-other elements, the count and the decay bookkeeping are unaffected. To skip such
-steps wrap the optimizer in ``optax.apply_if_finite``, which leaves the state
-untouched on a non-finite step.
+Non-finite gradients: a NaN is not masked. It makes its elements of :math:`\nu`
+(and :math:`\mu`) NaN for good and their updates NaN; the other elements, the
+count and the decay bookkeeping are unaffected. An infinite gradient is beyond the
+range like any other and saturates: :math:`\nu` (and :math:`\mu`) at the largest
+finite value, the update at the largest finite value of its sign. To skip steps
+with non-finite gradients wrap the optimizer in ``optax.apply_if_finite``, which
+leaves the state untouched on such a step.
 """
 
 from __future__ import annotations
@@ -115,10 +132,13 @@ def widen(x: jax.Array, real_dtype: np.dtype) -> jax.Array:
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
-    """:math:`|x|^2`, real for complex ``x``."""
-    if jnp.iscomplexobj(x):
-        return jnp.square(x.real) + jnp.square(x.imag)
-    return jnp.square(x)
+    r""":math:`|x|^2`, real for complex ``x``, saturated at the largest finite value.
+
+    Saturated here, not only when stored: with a decay of 1 the moving average
+    multiplies the square by :math:`1 - \rho = 0`, and :math:`0 \cdot \infty` is NaN.
+    """
+    square = jnp.square(x.real) + jnp.square(x.imag) if jnp.iscomplexobj(x) else jnp.square(x)
+    return jnp.minimum(square, jnp.finfo(square.dtype).max)
 
 
 def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
@@ -129,9 +149,33 @@ def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
 
 
 def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
-    r"""Bias correction :math:`m / w` with :math:`w = 1 - \prod_i \rho_i`; identity while
-    :math:`w = 0` (no sample absorbed yet)."""
-    return moment / jnp.where(total_weight > 0, total_weight, 1).astype(moment.dtype)
+    r"""Bias correction :math:`m / w` with :math:`w = 1 - \prod_i \rho_i`, saturated at the
+    range; identity while :math:`w = 0` (no sample absorbed yet)."""
+    return clip_finite(moment / jnp.where(total_weight > 0, total_weight, 1).astype(moment.dtype))
+
+
+def is_saturated(x: jax.Array) -> jax.Array:
+    """Whether a non-negative statistic sits at the largest finite value of its own dtype."""
+    return x >= jnp.finfo(x.dtype).max
+
+
+def bounded_mean(mu: jax.Array, nu: jax.Array, total_weight: jax.Array) -> jax.Array:
+    r""":math:`\mu` scaled down where needed so that :math:`|\mu|^2 \le w\,\nu`.
+
+    The moving averages keep this bound exactly (Cauchy-Schwarz over the samples'
+    weights, which sum to :math:`w = 1 - \prod_i \rho_i`). A saturated :math:`\nu` has
+    lost mass that :math:`\mu` still has; bringing :math:`\mu` back within the bound
+    keeps the variances of later steps non-negative in exact arithmetic, instead of
+    clamping them to zero (an update of :math:`g/\sqrt{\epsilon}`) until :math:`|\mu|^2`
+    decays below :math:`\nu`. :math:`\mu` is first clipped to its dtype's range, so an
+    infinite :math:`\mu` gives a finite result.
+    """
+    mu = clip_finite(mu)
+    bound = jnp.sqrt(total_weight.astype(nu.dtype) * nu)
+    magnitude = jnp.abs(mu)
+    over = magnitude > bound
+    scale = jnp.where(over, bound / jnp.where(over, magnitude, 1), 1)
+    return mu * scale.astype(mu.dtype)
 
 
 def variance(nu: jax.Array, mu: jax.Array) -> jax.Array:
@@ -140,17 +184,27 @@ def variance(nu: jax.Array, mu: jax.Array) -> jax.Array:
 
 
 def denominator(second_moment: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
-    r""":math:`\sqrt{v + \epsilon}` if ``eps_in_sqrt`` else :math:`\sqrt{v} + \epsilon`."""
+    r""":math:`\sqrt{v + \epsilon}` if ``eps_in_sqrt`` else :math:`\sqrt{v} + \epsilon`.
+
+    With ``eps`` inside, :math:`v + \epsilon` is saturated at the largest finite value
+    before the root, so a huge ``eps`` or a saturated :math:`v` never makes it infinite.
+    (Outside, :math:`\sqrt{v} \le \sqrt{\max}` is far below half an ulp of the
+    maximum, so :math:`\sqrt{v} + \epsilon` cannot overflow for a finite ``eps``.)
+    """
     if eps_in_sqrt:
-        return jnp.sqrt(second_moment + eps)
+        return jnp.sqrt(jnp.minimum(second_moment + eps, jnp.finfo(second_moment.dtype).max))
     return jnp.sqrt(second_moment) + eps
 
 
 def safe_divide(numerator: jax.Array, denom: jax.Array) -> jax.Array:
-    """``numerator / denom``, zero where ``denom`` is exactly zero, saturated at the range."""
+    r"""``numerator / denom``, zero where ``denom`` is exactly zero.
+
+    The quotient may exceed the range (e.g. :math:`g/\epsilon` with a tiny ``eps``
+    outside the root); callers return it through :func:`saturating_cast`.
+    """
     denom = denom.astype(numerator.dtype)
     positive = denom != 0
-    return clip_finite(jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0))
+    return jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0)
 
 
 def clip_finite(x: jax.Array) -> jax.Array:
@@ -167,10 +221,14 @@ def clip_finite(x: jax.Array) -> jax.Array:
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
-    """Casts ``x`` to ``dtype``, clipping at its largest finite value when narrowing."""
+    """Casts ``x`` to ``dtype``, saturating: a value beyond ``dtype``'s finite range
+    (an infinity included) becomes its largest finite value of the same sign; NaN stays.
+
+    Every statistic and update leaves a transform through here (the saturation rule).
+    """
     dtype = jnp.dtype(dtype)
     if x.dtype == dtype:
-        return x
+        return clip_finite(x)
     if jnp.iscomplexobj(x):
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"cannot cast complex {x.dtype} to real {dtype}")

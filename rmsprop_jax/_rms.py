@@ -102,14 +102,20 @@ def scale_by_rms(
       >>> print(f"{float(updates['w'][0]):.4f}")
       3.1623
     """
-    _validation.check_scalar("decay", decay, low=0.0, high=1.0, allow_schedule=True)
-    _validation.check_scalar("eps", eps, low=0.0)
-    _validation.check_scalar("initial_scale", initial_scale, low=0.0)
+    naming = _validation.current_naming()
+    _validation.check_scalar("decay", decay, _validation.UNIT, allow_schedule=True)
+    _validation.check_scalar("eps", eps, _validation.NON_NEGATIVE)
+    _validation.check_scalar("initial_scale", initial_scale, _validation.NON_NEGATIVE)
     _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
     _validation.check_bool("bias_correction", bias_correction)
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByRmsState:
+        _validation.check_params_inexact(params, naming.caller or "scale_by_rms")
+        _validation.check_at_run_time(
+            [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
+        )
+
         def nu_leaf(param: jax.Array) -> jax.Array:
             dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
             return jnp.full_like(param, initial_scale, dtype=dtype)
@@ -126,6 +132,13 @@ def scale_by_rms(
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
         step = _numerics.decay_step(decay, state.count, state.total_weight)
+        _validation.check_at_run_time(
+            [
+                ("decay", step.rho if callable(decay) else decay, _validation.UNIT),
+                ("eps", eps, _validation.NON_NEGATIVE),
+            ],
+            naming,
+        )
 
         def leaf(index: int, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, nu.dtype)

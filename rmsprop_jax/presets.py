@@ -32,26 +32,39 @@ import jax
 import optax
 
 from rmsprop_jax import _validation
-from rmsprop_jax._alias import learning_rate_and_momentum
-from rmsprop_jax._centered import scale_by_centered_rms
+from rmsprop_jax._alias import learning_rate_and_momentum, scaling_transform
 from rmsprop_jax._complex import split_real_and_imaginary
-from rmsprop_jax._rms import scale_by_rms
 
 __all__ = ["caffe", "dqn2015", "graves2013", "keras", "lasagne", "pytorch", "sonnet2", "tf1"]
 
 
-def _scaling(
+def _chain(
+    learning_rate: optax.ScalarOrSchedule,
     decay: jax.typing.ArrayLike,
     eps: jax.typing.ArrayLike,
     *,
     centered: bool,
     eps_in_sqrt: bool,
+    momentum: jax.typing.ArrayLike | None = None,
+    learning_rate_in_momentum: bool = True,
     initial_scale: float = 0.0,
-) -> optax.GradientTransformation:
-    """The scaling transform of a preset (plain or centered, never bias-corrected)."""
-    _validation.check_bool("centered", centered)
-    factory = scale_by_centered_rms if centered else scale_by_rms
-    return factory(decay, eps, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale)
+) -> optax.GradientTransformationExtraArgs:
+    """Every preset's chain: the scaling (never bias-corrected), the rate and the buffer.
+
+    Called inside :func:`_validation.named_as`, so errors name the preset's arguments.
+    """
+    return optax.chain(
+        scaling_transform(
+            centered, decay, eps, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale
+        ),
+        *learning_rate_and_momentum(
+            learning_rate,
+            momentum,
+            nesterov=False,
+            learning_rate_in_momentum=learning_rate_in_momentum,
+            momentum_dtype=None,
+        ),
+    )
 
 
 def pytorch(
@@ -62,7 +75,7 @@ def pytorch(
     momentum: float = 0.0,
     centered: bool = False,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``torch.optim.RMSprop`` (``torch/optim/rmsprop.py``, PyTorch 2.13.0).
 
     .. math::
@@ -109,19 +122,18 @@ def pytorch(
       >>> print(f"{float(updates[0]):.4f}")
       -0.1000
     """
-    _validation.check_bool("maximize", maximize)
-    _validation.check_scalar("weight_decay", weight_decay, low=0.0)
-    per_real_value = optax.chain(
-        _scaling(alpha, eps, centered=centered, eps_in_sqrt=False),
-        *learning_rate_and_momentum(
+    with _validation.named_as("presets.pytorch", decay="alpha", learning_rate="lr"):
+        _validation.check_bool("maximize", maximize)
+        _validation.check_scalar("weight_decay", weight_decay, _validation.NON_NEGATIVE)
+        per_real_value = _chain(
             lr,
-            momentum,
-            nesterov=False,
+            alpha,
+            eps,
+            centered=centered,
+            eps_in_sqrt=False,
+            momentum=momentum,
             learning_rate_in_momentum=False,
-            momentum_dtype=None,
-            learning_rate_name="lr",
-        ),
-    )
+        )
     return optax.chain(
         optax.scale(-1.0) if maximize else optax.identity(),
         (
@@ -139,7 +151,7 @@ def keras(
     momentum: float = 0.0,
     epsilon: float = 1e-7,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``keras.optimizers.RMSprop`` (``keras/src/optimizers/rmsprop.py``, Keras 3.15).
 
     .. math::
@@ -177,16 +189,10 @@ def keras(
       >>> print(f"{float(updates[0]):.4f}")
       -3.1623
     """
-    return optax.chain(
-        _scaling(rho, epsilon, centered=centered, eps_in_sqrt=True),
-        *learning_rate_and_momentum(
-            learning_rate,
-            momentum,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+    with _validation.named_as("presets.keras", decay="rho", eps="epsilon"):
+        return _chain(
+            learning_rate, rho, epsilon, centered=centered, eps_in_sqrt=True, momentum=momentum
+        )
 
 
 def tf1(
@@ -195,7 +201,7 @@ def tf1(
     momentum: float = 0.0,
     epsilon: float = 1e-10,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""TF1's ``tf.compat.v1.train.RMSPropOptimizer`` (``tensorflow/python/training/rmsprop.py``
     and the ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels in
     ``tensorflow/core/kernels/training_ops.cc``, TensorFlow 1.15 to 2.x).
@@ -237,16 +243,16 @@ def tf1(
       >>> print(f"{float(updates[0]):.4f}")
       -1.0000
     """
-    return optax.chain(
-        _scaling(decay, epsilon, centered=centered, eps_in_sqrt=True, initial_scale=1.0),
-        *learning_rate_and_momentum(
+    with _validation.named_as("presets.tf1", eps="epsilon"):
+        return _chain(
             learning_rate,
-            momentum,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+            decay,
+            epsilon,
+            centered=centered,
+            eps_in_sqrt=True,
+            momentum=momentum,
+            initial_scale=1.0,
+        )
 
 
 def sonnet2(
@@ -255,7 +261,7 @@ def sonnet2(
     momentum: float = 0.0,
     epsilon: float = 1e-10,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Sonnet 2's ``snt.optimizers.RMSProp`` (``sonnet/src/optimizers/rmsprop.py``, Sonnet 2.0).
 
     The update of :func:`tf1` (Sonnet's ``rmsprop_update`` writes the same
@@ -285,16 +291,10 @@ def sonnet2(
       >>> print(f"{float(updates[0]):.4f}")
       -3.1623
     """
-    return optax.chain(
-        _scaling(decay, epsilon, centered=centered, eps_in_sqrt=True),
-        *learning_rate_and_momentum(
-            learning_rate,
-            momentum,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+    with _validation.named_as("presets.sonnet2", eps="epsilon"):
+        return _chain(
+            learning_rate, decay, epsilon, centered=centered, eps_in_sqrt=True, momentum=momentum
+        )
 
 
 def graves2013(
@@ -302,7 +302,7 @@ def graves2013(
     decay: float = 0.95,
     momentum: float = 0.9,
     epsilon: float = 1e-4,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Graves (2013), eqs. (38)-(41): centered RMSProp with momentum.
 
     In the paper's symbols (:math:`\aleph` = ``decay`` 0.95, :math:`\beth` =
@@ -341,23 +341,17 @@ def graves2013(
       >>> print(f"{float(updates[0]):.4f}")
       -4.5835
     """
-    return optax.chain(
-        _scaling(decay, epsilon, centered=True, eps_in_sqrt=True),
-        *learning_rate_and_momentum(
-            learning_rate,
-            momentum,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+    with _validation.named_as("presets.graves2013", eps="epsilon"):
+        return _chain(
+            learning_rate, decay, epsilon, centered=True, eps_in_sqrt=True, momentum=momentum
+        )
 
 
 def dqn2015(
     learning_rate: optax.ScalarOrSchedule = 2.5e-4,
     decay: float = 0.95,
     epsilon: float = 0.01,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""The centered RMSProp of the Nature DQN agent (Mnih et al. 2015).
 
     Extended Data Table 1 of the paper ("gradient momentum" and "squared gradient
@@ -392,23 +386,15 @@ def dqn2015(
       >>> print(f"{float(updates[0]):.4f}")
       -4.1703
     """
-    return optax.chain(
-        _scaling(decay, epsilon, centered=True, eps_in_sqrt=True),
-        *learning_rate_and_momentum(
-            learning_rate,
-            None,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+    with _validation.named_as("presets.dqn2015", eps="epsilon"):
+        return _chain(learning_rate, decay, epsilon, centered=True, eps_in_sqrt=True)
 
 
 def lasagne(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     rho: float = 0.9,
     epsilon: float = 1e-6,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Lasagne's ``lasagne.updates.rmsprop`` (``lasagne/updates.py``, Lasagne 0.2).
 
     .. math::
@@ -439,23 +425,15 @@ def lasagne(
       >>> print(f"{float(updates[0]):.4f}")
       -3.1623
     """
-    return optax.chain(
-        _scaling(rho, epsilon, centered=False, eps_in_sqrt=True),
-        *learning_rate_and_momentum(
-            learning_rate,
-            None,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-        ),
-    )
+    with _validation.named_as("presets.lasagne", decay="rho", eps="epsilon"):
+        return _chain(learning_rate, rho, epsilon, centered=False, eps_in_sqrt=True)
 
 
 def caffe(
     base_lr: optax.ScalarOrSchedule,
     rms_decay: float = 0.99,
     delta: float = 1e-8,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Caffe's ``RMSPropSolver`` (``src/caffe/solvers/rmsprop_solver.cpp``, Caffe 1.0).
 
     .. math::
@@ -489,14 +467,7 @@ def caffe(
       >>> print(f"{float(updates[0]):.4f}")
       -10.0000
     """
-    return optax.chain(
-        _scaling(rms_decay, delta, centered=False, eps_in_sqrt=False),
-        *learning_rate_and_momentum(
-            base_lr,
-            None,
-            nesterov=False,
-            learning_rate_in_momentum=True,
-            momentum_dtype=None,
-            learning_rate_name="base_lr",
-        ),
-    )
+    with _validation.named_as(
+        "presets.caffe", decay="rms_decay", eps="delta", learning_rate="base_lr"
+    ):
+        return _chain(base_lr, rms_decay, delta, centered=False, eps_in_sqrt=False)

@@ -3,8 +3,9 @@
 * Dtype promotion is strict and rank promotion raises, so the library never
   relies on an implicit promotion or broadcast.
 * Warnings are errors (``filterwarnings = error`` in ``pyproject.toml``).
-* Hypothesis: the ``ci`` profile (the default) runs a fixed, derandomized
-  number of examples with no deadline, since the first call of each test compiles.
+* Hypothesis: the ``ci`` profile (the default) runs 100 derandomized examples per
+  property with no deadline, since the first call of each test compiles;
+  ``HYPOTHESIS_PROFILE=slow`` runs 1,000.
 """
 
 import os
@@ -16,13 +17,16 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-settings.register_profile(
-    "ci",
-    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "60")),
+_COMMON = dict(
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+settings.register_profile(
+    "ci", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "100")), **_COMMON
+)
+# HYPOTHESIS_PROFILE=slow: ten times the examples, for a long local run.
+settings.register_profile("slow", max_examples=1000, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

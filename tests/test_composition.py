@@ -26,6 +26,11 @@ SHAPES = {"dense": {"w": (3, 4), "b": (4,)}, "out": {"w": (4, 2), "b": (2,)}}
 STEPS = 12
 # float32 against float64 over a dozen steps: a few float32 ulps per step.
 RTOL, ATOL = 2e-5, 1e-6
+# The centered variance cancels: float32 rounding differences of one ulp (e.g. whether XLA
+# fuses a multiply-add into an FMA, which changes with the surrounding fusion) come out
+# amplified in the parameters after 12 steps with momentum. Measured worst relative
+# difference from the float64 loop: 1.5e-5 to 2.8e-5 depending on the fusion.
+RTOL_CENTERED = 5e-5
 # The same arithmetic compiled into two different programs: an ulp or two.
 ULPS = dict(rtol=1e-6, atol=1e-7)
 
@@ -187,7 +192,8 @@ def test_chain_with_clipping_and_weight_decay_matches_float64_reference(rms, pla
             v = ref.scale(clipped, decay=decay)
             u = jax.tree.map(lambda x: -lr * x, np_add_decayed_weights(v, p, wd))
         p = jax.tree.map(np.add, p, u)
-        chex.assert_trees_all_close(ours, p, rtol=RTOL, atol=ATOL)
+        rtol = RTOL_CENTERED if config.get("centered") else RTOL
+        chex.assert_trees_all_close(ours, p, rtol=rtol, atol=ATOL)
     assert 0 < clipped_steps < STEPS, "the gradients should exercise both sides of the clip"
 
 
@@ -314,7 +320,11 @@ def test_multi_steps_k_micro_steps_equal_one_step_on_the_mean_gradient(rms):
             chex.assert_trees_all_equal(p, trajectory[done * k - 1] if done else params)
             assert not bool(accumulating.has_updated(state))
         else:
-            chex.assert_trees_all_close(p, expected[done - 1], **ULPS)
+            # The inner step runs inside MultiSteps' conditional, a different XLA program
+            # with its own fusions: one-ulp differences, amplified by the centered
+            # variance's cancellation (see RTOL_CENTERED; measured 2.5e-6).
+            tolerance = dict(rtol=1e-5, atol=1e-7) if "centered" in rms else ULPS
+            chex.assert_trees_all_close(p, expected[done - 1], **tolerance)
             assert bool(accumulating.has_updated(state))
     count = optax.tree_utils.tree_get(states[-1].inner_opt_state, "count", filtering=_in_rms_state)
     assert int(count) == outer_steps
