@@ -173,8 +173,7 @@ def rmsprop(
       initial_scale: initial value of :math:`\nu`, :math:`\ge 0`.
       bias_correction: divide the moments by :math:`1 - \prod_{i \le t} \rho_i`.
       learning_rate_in_momentum: where :math:`\eta_t` enters, as above.
-      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy of
-        :mod:`rmsprop_jax._numerics`.
+      nu_dtype: dtype of :math:`\nu`; ``None`` applies the :ref:`dtype-policy`.
       mu_dtype: dtype of :math:`\mu` (centered only).
       momentum_dtype: dtype of the momentum buffer.
 

@@ -70,8 +70,9 @@ def scale_by_centered_rms(
     initialisation of :math:`\mu` already gives a positive estimate,
     :math:`\rho_1(1 - \rho_1) g_1^2`, at the first update.
 
-    Finite gradients give finite updates for every setting, ``eps=0`` included;
-    see :mod:`rmsprop_jax._numerics` for the exact rules and the dtype policy.
+    Finite gradients give finite updates and state for every setting and magnitude,
+    ``eps=0`` included (:ref:`finite-in-finite-out`); dtypes follow the
+    :ref:`dtype-policy`.
 
     .. warning::
        With a constant gradient the variance is 0 and the update is

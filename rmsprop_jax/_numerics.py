@@ -1,72 +1,12 @@
 r"""Numerical building blocks shared by every transform; each choice lives here once.
 
-.. _dtype-policy:
-
-Dtype policy
-------------
-This is the one place the policy is written; every ``*_dtype`` argument refers here.
-
-* **State.** A statistic (``nu``, ``mu``, a momentum trace) of a parameter whose
-  dtype is ``float16`` or ``bfloat16`` is kept in ``float32`` by default
-  (``*_dtype=None``); for any other parameter it is kept in the parameter's own
-  precision. A ``*_dtype`` argument overrides this for every leaf, e.g.
-  ``nu_dtype=jnp.bfloat16`` halves the state's memory. ``bfloat16`` moments are
-  stored with stochastic rounding (unbiased; see :mod:`rmsprop_jax._rounding`),
-  since round-to-nearest drops the small increments of a moving average;
-  ``float16`` state and momentum traces are rounded to nearest. ``nu`` is always real (it
-  holds :math:`|g|^2`); ``mu`` and the momentum trace of a complex parameter stay
-  complex, with at least the requested precision.
-* **Arithmetic.** Each leaf is computed in the widest of its gradient's precision,
-  its state's precision and ``float32``: 16-bit state or gradients are widened to
-  ``float32`` for the arithmetic and only rounded when stored. The update of a step
-  is computed from the moments *as stored*, after that rounding: the update and the
-  state never disagree (a restored checkpoint continues exactly), and XLA can write
-  the new state in place instead of keeping a copy of the old one alive for the
-  update (a copy that cost a full extra pass over ``nu`` with ``bfloat16`` state).
-* **Results.** Updates come back in the dtype of the incoming gradients and the
-  state in its own dtype. Narrowing casts saturate at the largest finite value of
-  the target dtype instead of overflowing to infinity (a ``float16`` gradient of 10
-  divided by :math:`\sqrt{\epsilon} = 10^{-4}` is :math:`10^5`, beyond ``float16``).
-
-Finite in, finite out
----------------------
-With finite gradients and finite hyperparameters no function here returns a NaN or
-an infinity, and nothing is silently frozen. One rule covers the range:
-
-* **Saturation.** Every value leaves through :func:`saturating_cast`, which maps a
-  value beyond its target dtype's finite range to the largest finite value of that
-  dtype (same sign): a stored statistic (:math:`\nu`, :math:`\mu`, a momentum
-  trace), an update, a learning-rate product. A gradient whose square overflows
-  (above :math:`\sqrt{\max} \approx 1.8\times10^{19}` in ``float32``) leaves
-  :math:`\nu` at the largest finite value, so the update is
-  :math:`g/\sqrt{\max + \epsilon}` (:math:`|u| \le \sqrt{\max}`), small but not
-  zero, and :math:`\nu` decays back into range as later gradients shrink. The same
-  holds for the bias-corrected moments (:func:`debias`) and the denominator
-  (:func:`denominator`, e.g. an ``eps`` near the range's end inside the root).
-* **Saturated centered moments.** Once :math:`\nu` is saturated its true value is
-  unknown, so :math:`\nu - |\mu|^2` means nothing; the centered transform then
-  divides by :math:`\nu` itself, an upper bound of the variance, which makes the
-  update no larger than the plain transform's (see :func:`is_saturated`).
-* **The clamp.** The variance :math:`\nu - |\mu|^2` is clamped at zero before its
-  root, since rounding makes it negative when gradients are nearly constant.
-* **Zero denominators.** A division whose denominator is exactly zero (only
-  possible with ``eps=0``) returns zero: a zero gradient gets a zero update
-  (:math:`0/0`), and so does a gradient whose square underflows to zero or, in the
-  centered variant, a gradient equal to its running mean.
-* **No sample yet.** Bias correction with no sample absorbed
-  (:math:`1 - \prod_i \rho_i = 0`, e.g. a decay of 1) divides by one.
-* **Hyperparameters.** Out-of-range values are refused: when the transform is
-  built, or, for values known only when the step runs (schedules,
-  ``optax.inject_hyperparams``), by a check inside the step (see
-  :func:`rmsprop_jax.runtime_checks`).
-
-Non-finite gradients: a NaN is not masked. It makes its elements of :math:`\nu`
-(and :math:`\mu`) NaN for good and their updates NaN; the other elements, the
-count and the decay bookkeeping are unaffected. An infinite gradient is beyond the
-range like any other and saturates: :math:`\nu` (and :math:`\mu`) at the largest
-finite value, the update at the largest finite value of its sign. To skip steps
-with non-finite gradients wrap the optimizer in ``optax.apply_if_finite``, which
-leaves the state untouched on such a step.
+The rules these functions implement are public documentation: the dtype policy
+(``docs/dtype-policy.md``: which dtype each statistic is stored and computed in, and
+stochastic rounding of ``bfloat16`` state) and the finite-in, finite-out guarantees
+(``docs/numerics.md``: saturation at the largest finite value, what a saturated
+:math:`\nu` gives, the centered clamp, zero denominators, bias correction before any
+sample, run-time checks of traced hyperparameters). Each function's docstring says
+which rule it carries.
 """
 
 from __future__ import annotations

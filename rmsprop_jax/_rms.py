@@ -56,8 +56,9 @@ def scale_by_rms(
 
     Updates are returned without a learning rate or sign; chain
     ``optax.scale_by_learning_rate`` (or use :func:`rmsprop_jax.rmsprop`).
-    Finite gradients give finite updates for every setting, ``eps=0`` included;
-    see :mod:`rmsprop_jax._numerics` for the exact rules and the dtype policy.
+    Finite gradients give finite updates and state for every setting and magnitude,
+    ``eps=0`` included (:ref:`finite-in-finite-out`); dtypes follow the
+    :ref:`dtype-policy`.
 
     .. warning::
        Frameworks differ: PyTorch and Caffe put ``eps`` outside the root, Keras,
