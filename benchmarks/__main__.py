@@ -6,7 +6,7 @@ it compiling the 3000-leaf tree; ``--quick`` scales every tree down and takes un
 benchmark is not part of the installed package and not part of the test suite; CI only
 smoke-runs it. It uses rmsprop_jax through its public API only.
 
-The run has three parts:
+The run has four parts:
 
 * :mod:`benchmarks.train_step`: one jitted train step of ``rmsprop_jax.rmsprop``,
   ``optax.rmsprop`` and ``torch.optim.RMSprop`` on three trees and two configurations, timed
@@ -14,7 +14,9 @@ The run has three parts:
 * :mod:`benchmarks.state_precision`: the bfloat16-state training study (loss curves of
   float32, stochastically rounded and nearest-rounded bfloat16 state);
 * :mod:`benchmarks.formulations`: hand-written formulations of one step next to the
-  library's own steps.
+  library's own steps;
+* :mod:`benchmarks.runtime_checks`: the step with traced hyperparameters, with the run-time
+  range checks on and off.
 
 Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
 ``benchmark.json``, in ``--out``.
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import formulations, state_precision
+from benchmarks import formulations, runtime_checks, state_precision
 from benchmarks.train_step import (
     CONFIGS,
     CONTENDER_IDS,
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_formulations = formulations.compare(
         size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
     )
+    checks = runtime_checks.compare(quick=args.quick)
     wall_s = time.perf_counter() - start
 
     table = format_table(rows)
@@ -140,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + state_precision.format_table(study)
         + "\n\n"
         + formulations.format_table(step_formulations)
+        + "\n\n"
+        + runtime_checks.format_table(checks)
     )
     print(report)
     (args.out / "table.md").write_text(report + "\n")
@@ -154,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "state_precision": study,
         "formulations": step_formulations,
+        "runtime_checks": checks,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
