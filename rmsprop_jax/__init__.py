@@ -3,6 +3,8 @@
 The public surface is listed in ``__all__``; everything else is private.
 """
 
+import importlib.metadata
+
 from rmsprop_jax import presets as presets
 from rmsprop_jax._alias import rmsprop as rmsprop
 from rmsprop_jax._bias_correction import BiasCorrectionState as BiasCorrectionState
@@ -14,7 +16,8 @@ from rmsprop_jax._rms import scale_by_rms as scale_by_rms
 from rmsprop_jax._validation import runtime_checks as runtime_checks
 from rmsprop_jax._validation import runtime_checks_enabled as runtime_checks_enabled
 
-__version__ = "0.1.0"
+# The version is written once, in pyproject.toml; this reads it from the installed metadata.
+__version__ = importlib.metadata.version("rmsprop_jax")
 
 __all__ = [
     "BiasCorrectionState",
