@@ -153,9 +153,9 @@ def clip_finite(x: jax.Array) -> jax.Array:
         return jax.lax.complex(clip_finite(x.real), clip_finite(x.imag))
     # Only an infinity can lie outside a dtype's finite range, so replacing infinities with
     # the largest finite value of their sign is the same clip. Written as a select, not as
-    # ``jnp.clip``: XLA:CPU fuses the select into its neighbours, while a clamp between the
-    # momentum buffer and its two consumers made it recompute the buffer and copy the old
-    # one (the "momentum" rows of the formulations table in ``rmsprop_jax.benchmark``).
+    # ``jnp.clip``: XLA:CPU fused a clamp between the momentum buffer and its two consumers
+    # badly, recomputing the buffer and copying the old one (4.4x the step time of optax's
+    # momentum on a 4M-element vector); a select fuses into its neighbours.
     big = jnp.asarray(jnp.finfo(x.dtype).max, x.dtype)
     return jnp.where(jnp.isinf(x), jnp.copysign(big, x), x)
 
