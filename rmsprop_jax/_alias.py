@@ -11,7 +11,6 @@ import optax
 from rmsprop_jax import _momentum, _numerics, _validation
 from rmsprop_jax._centered import scale_by_centered_rms
 from rmsprop_jax._rms import scale_by_rms
-from rmsprop_jax._validation import Schedule
 
 
 def _scale_by_learning_rate(
@@ -59,7 +58,7 @@ def _scale_by_learning_rate(
 
 def scaling_transform(
     centered: bool,
-    decay: float | jax.Array | Schedule,
+    decay: optax.ScalarOrSchedule,
     eps: jax.typing.ArrayLike,
     *,
     eps_in_sqrt: bool,
@@ -122,7 +121,7 @@ def learning_rate_and_momentum(
 
 def rmsprop(
     learning_rate: optax.ScalarOrSchedule,
-    decay: float | jax.Array | Schedule = 0.9,
+    decay: optax.ScalarOrSchedule = 0.9,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
     centered: bool = False,

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _numerics, _validation
-from rmsprop_jax._validation import Schedule
+from rmsprop_jax import _numerics, _state, _validation
 
 
 class BiasCorrectionState(NamedTuple):
@@ -22,7 +21,7 @@ class BiasCorrectionState(NamedTuple):
     samples, :math:`1 - \prod_{i \le t} \rho_i` (0 at init), the bias correction's divisor."""
 
 
-def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.GradientTransformation:
+def bias_correction(decay: optax.ScalarOrSchedule = 0.9) -> optax.GradientTransformation:
     r"""Multiplies updates by :math:`\sqrt{1 - \prod_{i \le t} \rho_i}`.
 
     Placed in a chain after :func:`scale_by_rms` or :func:`scale_by_centered_rms`
@@ -84,10 +83,7 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
 
     def init_fn(params: optax.Params) -> BiasCorrectionState:
         del params
-        return BiasCorrectionState(
-            count=jnp.zeros([], jnp.int32),
-            total_weight=jnp.zeros([], _numerics.counter_dtype()),
-        )
+        return BiasCorrectionState(**_state.initial_counters())
 
     def update_fn(
         updates: optax.Updates,
@@ -95,10 +91,7 @@ def bias_correction(decay: float | jax.Array | Schedule = 0.9) -> optax.Gradient
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, BiasCorrectionState]:
         del params
-        step = _numerics.decay_step(decay, state.count, state.total_weight)
-        _validation.check_at_run_time(
-            [("decay", step.rho if callable(decay) else decay, _validation.UNIT)], naming
-        )
+        step = _state.advance(decay, state.count, state.total_weight, naming)
         # sqrt(w) = 1 / sqrt(debias(1, w)): the no-sample rule lives in debias.
         factor = jax.lax.rsqrt(
             _numerics.debias(jnp.ones_like(step.total_weight), step.total_weight)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _numerics, _validation
-from rmsprop_jax._validation import Schedule
+from rmsprop_jax import _numerics, _state, _validation
 
 
 class ScaleByCenteredRmsState(NamedTuple):
@@ -27,7 +26,7 @@ class ScaleByCenteredRmsState(NamedTuple):
 
 
 def scale_by_centered_rms(
-    decay: float | jax.Array | Schedule = 0.9,
+    decay: optax.ScalarOrSchedule = 0.9,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
     eps_in_sqrt: bool = True,
@@ -120,11 +119,7 @@ def scale_by_centered_rms(
       2.3094
     """
     naming = _validation.current_naming()
-    _validation.check_scalar("decay", decay, _validation.UNIT, allow_schedule=True)
-    _validation.check_scalar("eps", eps, _validation.NON_NEGATIVE)
-    _validation.check_scalar("initial_scale", initial_scale, _validation.NON_NEGATIVE)
-    _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
-    _validation.check_bool("bias_correction", bias_correction)
+    _validation.check_scaling(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
     mu_dtype = _validation.resolve_dtype("mu_dtype", mu_dtype)
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
@@ -133,20 +128,10 @@ def scale_by_centered_rms(
         _validation.check_at_run_time(
             [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
         )
-
-        def mu_leaf(param: jax.Array) -> jax.Array:
-            dtype = _numerics.state_dtype(jnp.result_type(param), mu_dtype, real=False)
-            return jnp.zeros_like(param, dtype=dtype)
-
-        def nu_leaf(param: jax.Array) -> jax.Array:
-            dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
-            return jnp.full_like(param, initial_scale, dtype=dtype)
-
         return ScaleByCenteredRmsState(
-            count=jnp.zeros([], jnp.int32),
-            total_weight=jnp.zeros([], _numerics.counter_dtype()),
-            mu=jax.tree.map(mu_leaf, params),
-            nu=jax.tree.map(nu_leaf, params),
+            **_state.initial_counters(),
+            mu=_state.statistic(params, mu_dtype, real=False),
+            nu=_state.statistic(params, nu_dtype, real=True, fill=initial_scale),
         )
 
     def update_fn(
@@ -156,13 +141,8 @@ def scale_by_centered_rms(
     ) -> tuple[optax.Updates, ScaleByCenteredRmsState]:
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
-        step = _numerics.decay_step(decay, state.count, state.total_weight)
-        _validation.check_at_run_time(
-            [
-                ("decay", step.rho if callable(decay) else decay, _validation.UNIT),
-                ("eps", eps, _validation.NON_NEGATIVE),
-            ],
-            naming,
+        step = _state.advance(
+            decay, state.count, state.total_weight, naming, [("eps", eps, _validation.NON_NEGATIVE)]
         )
         one_sample = step.rho == 0
         if bias_correction:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _numerics, _validation
+from rmsprop_jax import _numerics, _state, _validation
 
 
 def trace(
@@ -30,11 +30,7 @@ def trace(
     trace_dtype = _validation.resolve_dtype("momentum_dtype", trace_dtype)
 
     def init_fn(params: optax.Params) -> optax.TraceState:
-        def zeros(param: jax.Array) -> jax.Array:
-            dtype = _numerics.state_dtype(jnp.result_type(param), trace_dtype, real=False)
-            return jnp.zeros_like(param, dtype=dtype)
-
-        return optax.TraceState(trace=jax.tree.map(zeros, params))
+        return optax.TraceState(trace=_state.statistic(params, trace_dtype, real=False))
 
     def update_fn(
         updates: optax.Updates, state: optax.TraceState, params: optax.Params | None = None

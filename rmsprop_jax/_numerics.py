@@ -195,7 +195,7 @@ class DecayStep(NamedTuple):
 
 
 def decay_step(
-    decay: float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike],
+    decay: optax.ScalarOrSchedule,
     count: jax.Array,
     total_weight: jax.Array,
 ) -> DecayStep:

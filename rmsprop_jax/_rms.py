@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _numerics, _validation
-from rmsprop_jax._validation import Schedule
+from rmsprop_jax import _numerics, _state, _validation
 
 
 class ScaleByRmsState(NamedTuple):
@@ -25,7 +24,7 @@ class ScaleByRmsState(NamedTuple):
 
 
 def scale_by_rms(
-    decay: float | jax.Array | Schedule = 0.9,
+    decay: optax.ScalarOrSchedule = 0.9,
     eps: jax.typing.ArrayLike = 1e-8,
     *,
     eps_in_sqrt: bool = True,
@@ -104,11 +103,7 @@ def scale_by_rms(
       3.1623
     """
     naming = _validation.current_naming()
-    _validation.check_scalar("decay", decay, _validation.UNIT, allow_schedule=True)
-    _validation.check_scalar("eps", eps, _validation.NON_NEGATIVE)
-    _validation.check_scalar("initial_scale", initial_scale, _validation.NON_NEGATIVE)
-    _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
-    _validation.check_bool("bias_correction", bias_correction)
+    _validation.check_scaling(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByRmsState:
@@ -116,15 +111,9 @@ def scale_by_rms(
         _validation.check_at_run_time(
             [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
         )
-
-        def nu_leaf(param: jax.Array) -> jax.Array:
-            dtype = _numerics.state_dtype(jnp.result_type(param), nu_dtype, real=True)
-            return jnp.full_like(param, initial_scale, dtype=dtype)
-
         return ScaleByRmsState(
-            count=jnp.zeros([], jnp.int32),
-            total_weight=jnp.zeros([], _numerics.counter_dtype()),
-            nu=jax.tree.map(nu_leaf, params),
+            **_state.initial_counters(),
+            nu=_state.statistic(params, nu_dtype, real=True, fill=initial_scale),
         )
 
     def update_fn(
@@ -132,13 +121,8 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState]:
         del params
         _validation.check_updates_match(updates, state.nu, "nu")
-        step = _numerics.decay_step(decay, state.count, state.total_weight)
-        _validation.check_at_run_time(
-            [
-                ("decay", step.rho if callable(decay) else decay, _validation.UNIT),
-                ("eps", eps, _validation.NON_NEGATIVE),
-            ],
-            naming,
+        step = _state.advance(
+            decay, state.count, state.total_weight, naming, [("eps", eps, _validation.NON_NEGATIVE)]
         )
 
         def leaf(index: int, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -163,6 +163,21 @@ def check_scalar(
     number = concrete_value(value)
     if number is not None:
         _check_number(name, number, interval, naming)
+
+
+def check_scaling(
+    decay: Any, eps: Any, initial_scale: Any, eps_in_sqrt: Any, bias_correction: Any
+) -> None:
+    """The build-time checks of the arguments that the two RMS scaling transforms share.
+
+    Raises:
+      ValueError: from :func:`check_scalar` or :func:`check_bool`, in argument order.
+    """
+    check_scalar("decay", decay, UNIT, allow_schedule=True)
+    check_scalar("eps", eps, NON_NEGATIVE)
+    check_scalar("initial_scale", initial_scale, NON_NEGATIVE)
+    check_bool("eps_in_sqrt", eps_in_sqrt)
+    check_bool("bias_correction", bias_correction)
 
 
 # --- run-time checks ------------------------------------------------------------------------
@@ -355,6 +370,3 @@ def check_updates_match(updates: Any, moment: Any, field: str) -> None:
                 f"{jnp.shape(update)} but the state's `{field}` there has shape "
                 f"{jnp.shape(state_leaf)}; nothing is broadcast."
             )
-
-
-Schedule = Callable[[jax.Array], jax.typing.ArrayLike]

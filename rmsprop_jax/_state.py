@@ -1,0 +1,78 @@
+"""What the transforms keep in their state, and how it starts and advances.
+
+The RMS transforms and :func:`rmsprop_jax.bias_correction` keep the same two counters
+first in their state (:class:`Counters`) and advance them the same way
+(:func:`advance`); every statistic (``nu``, ``mu``, a momentum trace) starts as a tree
+like the parameters in the dtype of the dtype policy (:func:`statistic`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsprop_jax import _numerics, _validation
+
+
+class Counters(TypedDict):
+    """The counters at the head of :class:`rmsprop_jax.ScaleByRmsState` and its siblings."""
+
+    count: jax.Array  # shape (), int32: updates applied so far
+    total_weight: jax.Array  # shape (), counter dtype: 1 - prod of the decays applied
+
+
+def initial_counters() -> Counters:
+    """The counters before any update: ``count`` 0 and ``total_weight`` 0."""
+    return Counters(
+        count=jnp.zeros([], jnp.int32),
+        total_weight=jnp.zeros([], _numerics.counter_dtype()),
+    )
+
+
+def advance(
+    decay: optax.ScalarOrSchedule,
+    count: jax.Array,
+    total_weight: jax.Array,
+    naming: _validation.Naming,
+    checks: Sequence[tuple[str, Any, _validation.Interval]] = (),
+) -> _numerics.DecayStep:
+    """The decay of this update and the counters after it (:func:`_numerics.decay_step`).
+
+    The decay (a schedule's value, or the number itself) is checked at run time with the
+    other hyperparameters in ``checks`` (:func:`_validation.check_at_run_time`).
+    """
+    step = _numerics.decay_step(decay, count, total_weight)
+    rho = step.rho if callable(decay) else decay
+    _validation.check_at_run_time([("decay", rho, _validation.UNIT), *checks], naming)
+    return step
+
+
+def statistic(
+    params: optax.Params,
+    requested_dtype: np.dtype | None,
+    *,
+    real: bool,
+    fill: jax.typing.ArrayLike = 0.0,
+) -> optax.Updates:
+    """A tree like ``params``, every leaf ``fill``, in the dtype the dtype policy gives.
+
+    Args:
+      params: the parameters.
+      requested_dtype: a resolved ``*_dtype`` argument, or ``None`` for the default.
+      real: whether the statistic is real even for a complex parameter (``nu``).
+      fill: the initial value.
+
+    Returns:
+      The initial statistic (see :func:`_numerics.state_dtype`).
+    """
+
+    def leaf(param: jax.Array) -> jax.Array:
+        dtype = _numerics.state_dtype(jnp.result_type(param), requested_dtype, real=real)
+        return jnp.full_like(param, fill, dtype=dtype)
+
+    return jax.tree.map(leaf, params)
