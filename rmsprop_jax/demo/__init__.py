@@ -24,15 +24,6 @@ from rmsprop_jax.demo.training import build_tasks as build_tasks
 from rmsprop_jax.demo.training import summarise as summarise
 from rmsprop_jax.demo.training import train_contender as train_contender
 
-__all__ = [
-    "CONTENDERS",
-    "QUICK_CONTENDERS",
-    "Contender",
-    "Task",
-    "build_tasks",
-    "data",
-    "report",
-    "summarise",
-    "train_contender",
-    "training",
-]
+# The three modules, and the names of training's own __all__ (re-exported above).
+__all__ = ["data", "report", "training"]
+__all__ += training.__all__
