@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _momentum, _numerics, _validation
+from rmsprop_jax import _momentum, _numerics, _state, _validation
 from rmsprop_jax._centered import scale_by_centered_rms
 from rmsprop_jax._rms import scale_by_rms
 
@@ -24,36 +24,50 @@ def _scale_by_learning_rate(
     product is taken in the widened dtype and cast back (saturating) to the
     update's dtype, per the dtype policy.
     """
-    scheduled = callable(learning_rate)
     naming = _validation.current_naming()
 
-    def init_fn(params: optax.Params) -> optax.ScaleByScheduleState | optax.EmptyState:
-        del params
-        if scheduled:
-            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-        return optax.EmptyState()
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.ScaleByScheduleState | optax.EmptyState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, optax.ScaleByScheduleState | optax.EmptyState]:
-        del params
-        if scheduled:
-            eta = learning_rate(state.count)
-            state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-        else:
-            eta = learning_rate
+    def scale(updates: optax.Updates, eta: jax.typing.ArrayLike) -> optax.Updates:
         _validation.check_at_run_time([("learning_rate", eta, _validation.NON_NEGATIVE)], naming)
 
-        def scale(update: jax.Array) -> jax.Array:
+        def leaf(update: jax.Array) -> jax.Array:
             wide = _numerics.widen(update, _numerics.compute_dtype(update.dtype))
             product = wide * (-jnp.asarray(eta).astype(wide.dtype))
             return _numerics.saturating_cast(product, update.dtype)
 
-        return jax.tree.map(scale, updates), state
+        return jax.tree.map(leaf, updates)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    if callable(learning_rate):
+        schedule = learning_rate
+
+        def init_scheduled(params: optax.Params) -> optax.ScaleByScheduleState:
+            del params
+            return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+        def update_scheduled(
+            updates: optax.Updates,
+            state: optax.ScaleByScheduleState,
+            params: optax.Params | None = None,
+        ) -> tuple[optax.Updates, optax.ScaleByScheduleState]:
+            del params
+            eta = schedule(state.count)
+            state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+            return scale(updates, eta), state
+
+        return _state.transformation(init_scheduled, update_scheduled)
+
+    constant = learning_rate
+
+    def init_fn(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        return scale(updates, constant), state
+
+    return _state.transformation(init_fn, update_fn)
 
 
 def scaling_transform(

@@ -107,4 +107,4 @@ def bias_correction(decay: optax.ScalarOrSchedule = 0.9) -> optax.GradientTransf
             count=step.count, total_weight=step.total_weight
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _state.transformation(init_fn, update_fn)

@@ -186,4 +186,4 @@ def scale_by_centered_rms(
             count=step.count, total_weight=step.total_weight, mu=mu, nu=nu
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _state.transformation(init_fn, update_fn)

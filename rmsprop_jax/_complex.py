@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _state
+
 
 class _RealImaginary(NamedTuple):
     """A complex leaf split into two real leaves."""
@@ -24,7 +26,7 @@ def split_real_and_imaginary(inner: optax.GradientTransformation) -> optax.Gradi
     optax's ``SplitRealAndImaginaryState``.
     """
 
-    def split(tree: optax.Params | None) -> optax.Params | None:
+    def split(tree: optax.Params) -> optax.Params:
         def leaf(x: jax.Array) -> jax.Array | _RealImaginary:
             return _RealImaginary(x.real, x.imag) if jnp.iscomplexobj(x) else x
 
@@ -44,7 +46,8 @@ def split_real_and_imaginary(inner: optax.GradientTransformation) -> optax.Gradi
         state: optax.contrib.SplitRealAndImaginaryState,
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, optax.contrib.SplitRealAndImaginaryState]:
-        updates, inner_state = inner.update(split(updates), state.inner_state, split(params))
+        inner_params = None if params is None else split(params)
+        updates, inner_state = inner.update(split(updates), state.inner_state, inner_params)
         return merge(updates), optax.contrib.SplitRealAndImaginaryState(inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _state.transformation(init_fn, update_fn)

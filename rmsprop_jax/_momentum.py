@@ -53,4 +53,4 @@ def trace(
         updates, new_trace = _numerics.map_unzip(leaf, 2, updates, state.trace)
         return updates, optax.TraceState(trace=new_trace)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _state.transformation(init_fn, update_fn)

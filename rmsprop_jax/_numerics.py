@@ -12,7 +12,7 @@ which rule it carries.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +211,8 @@ def decay_step(
     rho = jnp.asarray(rho).astype(total_weight.dtype)
     return DecayStep(
         rho=rho,
-        count=optax.safe_increment(count),
+        # optax annotates the result as any number; it is an array of ``count``'s dtype.
+        count=cast(jax.Array, optax.safe_increment(count)),
         total_weight=rho * total_weight + (1 - rho),
         previous_total_weight=total_weight,
     )

@@ -140,4 +140,4 @@ def scale_by_rms(
         updates, nu = _numerics.map_unzip(leaf, 2, updates, state.nu)
         return updates, ScaleByRmsState(count=step.count, total_weight=step.total_weight, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _state.transformation(init_fn, update_fn)

@@ -3,13 +3,14 @@
 The RMS transforms and :func:`rmsprop_jax.bias_correction` keep the same two counters
 first in their state (:class:`Counters`) and advance them the same way
 (:func:`advance`); every statistic (``nu``, ``mu``, a momentum trace) starts as a tree
-like the parameters in the dtype of the dtype policy (:func:`statistic`).
+like the parameters in the dtype of the dtype policy (:func:`statistic`). Every
+transform is returned through :func:`transformation`, which types its update by its state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +77,35 @@ def statistic(
         return jnp.full_like(param, fill, dtype=dtype)
 
     return jax.tree.map(leaf, params)
+
+
+_State = TypeVar("_State", bound=optax.OptState)
+_State_co = TypeVar("_State_co", bound=optax.OptState, covariant=True)
+
+
+class InitFn(Protocol[_State_co]):
+    """``optax.TransformInitFn`` returning a state of type ``_State_co``."""
+
+    def __call__(self, params: optax.Params) -> _State_co: ...
+
+
+class UpdateFn(Protocol[_State]):
+    """``optax.TransformUpdateFn`` taking and returning a state of type ``_State``."""
+
+    def __call__(
+        self, updates: optax.Updates, state: _State, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, _State]: ...
+
+
+def transformation(
+    init_fn: InitFn[_State], update_fn: UpdateFn[_State]
+) -> optax.GradientTransformation:
+    """``optax.GradientTransformation(init_fn, update_fn)``, with ``update_fn`` typed by its state.
+
+    optax's ``TransformUpdateFn`` protocol takes any tree (``optax.OptState``) as the state,
+    so an update annotated with its own state type does not match it, although that is
+    the only state it is given (the one ``init_fn`` returns). Here the checker sees that
+    ``init_fn`` and ``update_fn`` agree on the state's type, and the cast is the one place
+    that tells it the pair makes an optax transformation.
+    """
+    return optax.GradientTransformation(init_fn, cast(optax.TransformUpdateFn, update_fn))

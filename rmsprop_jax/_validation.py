@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -70,7 +70,7 @@ def current_naming() -> Naming:
 
 
 @contextlib.contextmanager
-def named_as(caller: str, **names: str) -> Iterator[None]:
+def named_as(caller: str, **names: str) -> Generator[None, None, None]:
     """Within the block, transforms built report errors with the caller's names.
 
     ``with named_as("presets.keras", decay="rho", eps="epsilon"): ...``. Transforms read
@@ -191,7 +191,7 @@ def runtime_checks_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def _restore(previous: bool) -> Iterator[None]:
+def _restore(previous: bool) -> Generator[None, None, None]:
     global _runtime_checks_enabled
     try:
         yield

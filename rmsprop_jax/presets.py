@@ -40,7 +40,7 @@ __all__ = ["caffe", "dqn2015", "graves2013", "keras", "lasagne", "pytorch", "son
 
 def _chain(
     learning_rate: optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike,
+    decay: float | jax.Array,
     eps: jax.typing.ArrayLike,
     *,
     centered: bool,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import pathlib
 import pickle
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -37,7 +37,10 @@ class Dataset(NamedTuple):
     num_classes: int  # 0 for regression
 
 
-def _split(x: np.ndarray, y: np.ndarray, seed: int, train_fraction: float = 0.75) -> tuple:
+def _split(
+    x: np.ndarray, y: np.ndarray, seed: int, train_fraction: float = 0.75
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, y_train, x_test, y_test)``: a seeded shuffle cut at ``train_fraction``."""
     order = np.random.default_rng(seed).permutation(len(x))
     cut = int(train_fraction * len(x))
     return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
@@ -46,8 +49,10 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int, train_fraction: float = 0.75
 def load_digits(seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), scaled to [0, 1], shape (N, 8, 8, 1)."""
     from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.utils import Bunch
 
-    data = sklearn_digits()
+    # scikit-learn is not annotated: a checker infers "a Bunch, or a tuple with return_X_y".
+    data = cast(Bunch, sklearn_digits())
     x = (np.asarray(data.images, dtype=np.float32) / np.float32(16.0))[..., None]
     y = np.asarray(data.target, dtype=np.int32)
     return Dataset("digits", *_split(x, y, seed), num_classes=10)
