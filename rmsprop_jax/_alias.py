@@ -81,8 +81,11 @@ def scaling_transform(
     nu_dtype: jax.typing.DTypeLike | None = None,
     mu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
-    """The head of every RMSProp chain: :func:`scale_by_centered_rms` if ``centered``,
-    else :func:`scale_by_rms` (which has no ``mu_dtype``)."""
+    """The head of every RMSProp chain: the centered or the plain scaling transform.
+
+    :func:`scale_by_centered_rms` if ``centered``, else :func:`scale_by_rms` (which has no
+    ``mu_dtype``).
+    """
     _validation.check_bool("centered", centered)
     factory = (
         functools.partial(scale_by_centered_rms, mu_dtype=mu_dtype) if centered else scale_by_rms

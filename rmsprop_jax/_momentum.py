@@ -15,8 +15,10 @@ def trace(
     nesterov: bool = False,
     trace_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
-    r"""Momentum :math:`m_t = \beta m_{t-1} + v_t`, returning :math:`m_t` or
-    :math:`v_t + \beta m_t` (Nesterov).
+    r"""Heavy-ball or Nesterov momentum, with statistics per the dtype policy.
+
+    Keeps :math:`m_t = \beta m_{t-1} + v_t` and returns :math:`m_t`, or
+    :math:`v_t + \beta m_t` with ``nesterov``.
 
     The arithmetic is that of ``optax.trace``; this version exists because optax
     keeps the trace in the parameter dtype (``float16`` for ``float16``

@@ -89,8 +89,10 @@ def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
 
 
 def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
-    r"""Bias correction :math:`m / w` with :math:`w = 1 - \prod_i \rho_i`, saturated at the
-    range; identity while :math:`w = 0` (no sample absorbed yet)."""
+    r"""Bias correction :math:`m / w`, with :math:`w = 1 - \prod_i \rho_i`.
+
+    Saturated at the range; the identity while :math:`w = 0` (no sample absorbed yet).
+    """
     return clip_finite(moment / jnp.where(total_weight > 0, total_weight, 1).astype(moment.dtype))
 
 
@@ -161,8 +163,10 @@ def clip_finite(x: jax.Array) -> jax.Array:
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
-    """Casts ``x`` to ``dtype``, saturating: a value beyond ``dtype``'s finite range
-    (an infinity included) becomes its largest finite value of the same sign; NaN stays.
+    """Casts ``x`` to ``dtype``, saturating at the ends of ``dtype``'s finite range.
+
+    A value beyond that range (an infinity included) becomes its largest finite value
+    of the same sign; NaN stays.
 
     Every statistic and update leaves a transform through here (the saturation rule).
     """

@@ -202,9 +202,10 @@ def tf1(
     epsilon: float = 1e-10,
     centered: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""TF1's ``tf.compat.v1.train.RMSPropOptimizer`` (``tensorflow/python/training/rmsprop.py``
-    and the ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels in
-    ``tensorflow/core/kernels/training_ops.cc``, TensorFlow 1.15 to 2.x).
+    r"""TF1's ``tf.compat.v1.train.RMSPropOptimizer`` (TensorFlow 1.15 to 2.x).
+
+    As written in ``tensorflow/python/training/rmsprop.py`` and the ``ApplyRMSProp`` /
+    ``ApplyCenteredRMSProp`` kernels in ``tensorflow/core/kernels/training_ops.cc``:
 
     .. math::
 

@@ -17,6 +17,13 @@ class PatchConv(nnx.Module):
     Same function as ``nnx.Conv``, but ``vmap`` over parameters (the demo trains several
     learning rates and seeds at once) turns it into one batched matrix product, where
     ``nnx.Conv`` becomes a grouped convolution that is many times slower on CPU.
+
+    Args:
+      in_features: channels of the input.
+      out_features: channels of the output.
+      size: height and width of the kernel.
+      strides: the stride along height and width.
+      rngs: the random streams the kernel is drawn from.
     """
 
     def __init__(
@@ -35,6 +42,7 @@ class PatchConv(nnx.Module):
         self.size, self.strides = size, strides
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Convolves images (batch, height, width, in_features); same padding, strided."""
         # Pad, then take the size*size shifted (and strided) views and stack them as channels.
         pad, step = self.size // 2, self.strides
         height, width = -(-x.shape[1] // step), -(-x.shape[2] // step)
@@ -49,17 +57,30 @@ class PatchConv(nnx.Module):
 
 
 class LinearRegression(nnx.Module):
-    """``y = x @ w + b`` with one output."""
+    """``y = x @ w + b`` with one output.
+
+    Args:
+      features: the size of an input.
+      rngs: the random streams the weights are drawn from.
+    """
 
     def __init__(self, features: int, *, rngs: nnx.Rngs) -> None:
         self.linear = nnx.Linear(features, 1, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Predictions of shape (batch, 1) for inputs of shape (batch, features)."""
         return self.linear(x)
 
 
 class MLP(nnx.Module):
-    """Flattens the input, then one ReLU hidden layer."""
+    """Flattens the input, then one ReLU hidden layer.
+
+    Args:
+      input_shape: the shape of one example.
+      classes: the number of logits.
+      hidden: the width of the hidden layer.
+      rngs: the random streams the weights are drawn from.
+    """
 
     def __init__(
         self, input_shape: tuple[int, ...], classes: int, *, hidden: int = 128, rngs: nnx.Rngs
@@ -68,6 +89,7 @@ class MLP(nnx.Module):
         self.out = nnx.Linear(hidden, classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits of shape (batch, classes) for a batch of examples."""
         x = jnp.reshape(x, (x.shape[0], -1))
         return self.out(nnx.relu(self.hidden(x)))
 
@@ -77,6 +99,11 @@ class CNN(nnx.Module):
 
     Images larger than 8x8 (MNIST, CIFAR-10) get a third, strided convolution first, so the
     read-out stays small.
+
+    Args:
+      input_shape: ``(height, width, channels)`` of one image.
+      classes: the number of logits.
+      rngs: the random streams the weights are drawn from.
     """
 
     def __init__(self, input_shape: tuple[int, ...], classes: int, *, rngs: nnx.Rngs) -> None:
@@ -91,6 +118,7 @@ class CNN(nnx.Module):
         self.out = nnx.Linear(-(-height // 2) * -(-width // 2) * 32, classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits of shape (batch, classes) for images (batch, height, width, channels)."""
         if self.stem is not None:
             x = nnx.relu(self.stem(x))
         x = nnx.relu(self.conv1(x))
@@ -99,7 +127,14 @@ class CNN(nnx.Module):
 
 
 class GRUClassifier(nnx.Module):
-    """A GRU over the time axis of (batch, time, features); classifies from the last state."""
+    """A GRU over the time axis of (batch, time, features); classifies from the last state.
+
+    Args:
+      features: the size of the input at one time step.
+      classes: the number of logits.
+      hidden: the size of the GRU's state.
+      rngs: the random streams the weights are drawn from.
+    """
 
     def __init__(self, features: int, classes: int, *, hidden: int = 32, rngs: nnx.Rngs) -> None:
         self.cell = nnx.GRUCell(features, hidden, rngs=rngs)
@@ -107,6 +142,7 @@ class GRUClassifier(nnx.Module):
         self.out = nnx.Linear(hidden, classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits of shape (batch, classes) for sequences (batch, time, features)."""
         carry = jnp.zeros((x.shape[0], self.hidden), dtype=x.dtype)
 
         def step(carry: jax.Array, x_t: jax.Array) -> tuple[jax.Array, None]:
