@@ -1,5 +1,8 @@
-"""Errors in the user's own words: run-time range checks, preset argument names, non-float leaves.
+"""Errors in the user's own words: when built, when the step runs, in presets, at init.
 
+* A concrete hyperparameter out of its range, a non-scalar one, a flag that is not a bool,
+  Nesterov without momentum, or gradients whose tree differs from the parameters' fail
+  with a message that names the argument and the value (or both tree structures).
 * A hyperparameter known only when the step runs (a schedule's output, a value set through
   ``optax.inject_hyperparams``) is range-checked inside the compiled step: the error names
   the hyperparameter and the value, eagerly, under ``jax.jit``, ``vmap`` and ``lax.scan``.
@@ -19,11 +22,90 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
+from helpers import CONFIGS
 
 import rmsprop_jax
 from rmsprop_jax import presets
+
+# --- checked when the transform is built ---------------------------------------------------
+
+BAD_ARGUMENTS = [
+    ("decay", -0.1, "[0, 1]"),
+    ("decay", 1.5, "[0, 1]"),
+    ("decay", float("nan"), "[0, 1]"),
+    ("eps", -1e-8, "[0, inf]"),
+    ("momentum", 1.0, "[0, 1)"),
+    ("momentum", -0.5, "[0, 1)"),
+    ("learning_rate", -0.1, "[0, inf]"),
+    ("initial_scale", -1.0, "[0, inf]"),
+]
+
+
+@pytest.mark.parametrize("name,value,interval", BAD_ARGUMENTS)
+def test_out_of_range_hyperparameters_fail_at_construction(name, value, interval):
+    kwargs = dict(learning_rate=0.1) | {name: value}
+    with pytest.raises(
+        ValueError, match=re.escape(f"`{name}` must be in {interval}, got {value!r}")
+    ):
+        rmsprop_jax.rmsprop(**kwargs)
+    if name in ("decay", "eps", "initial_scale"):
+        for factory in (rmsprop_jax.scale_by_rms, rmsprop_jax.scale_by_centered_rms):
+            with pytest.raises(ValueError, match=re.escape(f"`{name}`")):
+                factory(**{name: value})
+    if name == "decay":
+        with pytest.raises(
+            ValueError, match=re.escape(f"`decay` must be in [0, 1], got {value!r}")
+        ):
+            rmsprop_jax.bias_correction(value)
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "decay", "eps", "momentum", "initial_scale"])
+def test_non_scalar_hyperparameters_fail_at_construction(name):
+    kwargs = dict(learning_rate=0.1) | {name: jnp.full((2,), 0.5)}
+    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a scalar") + r".*\(2,\)"):
+        rmsprop_jax.rmsprop(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name", ["centered", "nesterov", "eps_in_sqrt", "bias_correction", "learning_rate_in_momentum"]
+)
+@pytest.mark.parametrize("value", [1, "yes", np.bool_(True), None])
+def test_non_bool_flags_fail_at_construction(name, value):
+    with pytest.raises(
+        ValueError, match=re.escape(f"`{name}` must be True or False, got {value!r}")
+    ):
+        rmsprop_jax.rmsprop(0.1, momentum=0.9, **{name: value})
+
+
+@pytest.mark.parametrize("momentum", [None, 0, 0.0])
+def test_nesterov_without_momentum_fails(momentum):
+    with pytest.raises(ValueError, match="`nesterov=True` needs a `momentum`"):
+        rmsprop_jax.rmsprop(0.1, momentum=momentum, nesterov=True)
+
+
+def test_valid_edge_values_are_accepted():
+    for decay in (0.0, 1.0, 0, 1, np.float32(0.5), jnp.asarray(0.5)):
+        rmsprop_jax.rmsprop(0.0, decay, 0.0, momentum=0.0, initial_scale=0.0)
+    rmsprop_jax.rmsprop(0.1, momentum=np.nextafter(np.float32(1), np.float32(0)))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+def test_update_tree_mismatch_shows_both_structures(config):
+    # (In the chains, the scaling transform ahead of bias_correction does the check.)
+    tx = config.build(0.9, 1e-8)
+    state = tx.init({"w": jnp.zeros(3), "b": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="structure") as info:
+        tx.update({"w": jnp.zeros(3), "c": jnp.zeros(2)}, state)
+    message = str(info.value)
+    assert "'c'" in message and "'b'" in message  # both structures are shown
+    with pytest.raises(ValueError, match=r"\['b'\].*shape \(3,\).*\(2,\).*nothing is broadcast"):
+        tx.update({"w": jnp.zeros(3), "b": jnp.zeros(3)}, state)
+    with pytest.raises(ValueError, match="nothing is broadcast"):
+        tx.update({"w": jnp.zeros(3), "b": jnp.zeros(())}, state)
+
 
 # --- run-time checks of traced hyperparameters ----------------------------------------------
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _run_worker import run_worker
+from helpers import run_worker
 
 import rmsprop_jax
 

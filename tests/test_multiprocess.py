@@ -10,9 +10,7 @@ The processes are bounded in time and always killed at the end.
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
-import os
 import pickle
 import socket
 import subprocess
@@ -24,6 +22,7 @@ import chex
 import jax
 import optax
 import pytest
+from helpers import load_module, worker_env
 
 import rmsprop_jax
 
@@ -32,11 +31,7 @@ N_PROCESSES = 2
 TIMEOUT_S = 120
 
 
-def load_worker():
-    spec = importlib.util.spec_from_file_location("_multiprocess_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+worker = load_module(WORKER)
 
 
 def host_name_is_loopback() -> bool:
@@ -63,12 +58,7 @@ def processes(tmp_path_factory) -> list[dict]:
     if not host_name_is_loopback():
         pytest.skip("the host name does not resolve to loopback; gloo would leave 127.0.0.1")
     out = tmp_path_factory.mktemp("multiprocess")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(WORKER.parents[1]), env.get("PYTHONPATH")])
-    )
+    env = worker_env(devices=2)
     port = free_port()
     procs, logs = [], []
     try:
@@ -107,7 +97,6 @@ def processes(tmp_path_factory) -> list[dict]:
 
 def one_process_run(config: dict):
     """The same training on this process's single device, whole global batches."""
-    worker = load_worker()
     params, xs, ys = worker.make_problem()
     tx = rmsprop_jax.rmsprop(**config)
 
@@ -124,7 +113,7 @@ def one_process_run(config: dict):
     return jax.device_get((params, state, losses))
 
 
-@pytest.mark.parametrize("name", list(load_worker().CONFIGS))
+@pytest.mark.parametrize("name", list(worker.CONFIGS))
 def test_two_processes_train_identically_and_like_one_process(processes, name):
     runs = [result[name] for result in processes]
     for run in runs:
@@ -137,7 +126,7 @@ def test_two_processes_train_identically_and_like_one_process(processes, name):
     )
     assert int(optax.tree_utils.tree_get(runs[0]["state"], "count")) == len(runs[0]["losses"])
 
-    params, state, losses = one_process_run(load_worker().CONFIGS[name])
+    params, state, losses = one_process_run(worker.CONFIGS[name])
     chex.assert_trees_all_close(
         (runs[0]["params"], runs[0]["state"]), (params, state), rtol=2e-5, atol=1e-6
     )

@@ -168,6 +168,50 @@ def test_bias_corrected_moment_beyond_the_range_saturates(centered):
     np.testing.assert_allclose(float(updates[1][0]), 1 / math.sqrt(F32), rtol=1e-6)
 
 
+def test_non_finite_gradients_nan_poisons_its_element_infinity_saturates():
+    # Documented in the numerics page (closed forms, F = float32's largest finite value):
+    # * NaN enters nu (and mu) and stays there: that element's updates are NaN forever;
+    # * +-inf is beyond the range like any finite overflow: nu = min(0.1 inf, F) = F, the
+    #   update inf / sqrt(F) saturates at +-F; the next unit gradient gets 1 / sqrt(0.9 F);
+    # * centered: mu saturates, then is brought within |mu| <= sqrt(w nu) = sqrt(0.1 F),
+    #   so the next variance is 0.9 F + 0.1 - (0.9 sqrt(0.1 F) + 0.1)^2 ~ 0.819 F > 0;
+    # * other elements, the count and the decay product are untouched.
+    big = float(np.finfo(np.float32).max)
+    g = jnp.array([1.0, jnp.nan, jnp.inf, -jnp.inf])
+    ones = jnp.ones(4)
+    plain = rmsprop_jax.scale_by_rms(0.9, 1e-8)
+    u1, s1 = plain.update(g, plain.init(jnp.zeros(4)))
+    u2, s2 = plain.update(ones, s1)
+    np.testing.assert_allclose(np.asarray(u1[0]), 1 / math.sqrt(0.1 + 1e-8), rtol=1e-6)
+    assert np.isnan(float(u1[1]))
+    np.testing.assert_array_equal(np.asarray(u1[2:]), [big, -big])
+    np.testing.assert_allclose(float(s1.nu[0]), 0.1, rtol=1e-6)
+    assert np.isnan(float(s1.nu[1]))
+    np.testing.assert_array_equal(np.asarray(s1.nu[2:]), [big, big])
+    assert np.isnan(float(u2[1]))
+    np.testing.assert_allclose(np.asarray(u2[2:]), 1 / math.sqrt(0.9 * big), rtol=1e-6)
+    assert np.isfinite(float(u2[0])) and int(s2.count) == 2
+    np.testing.assert_allclose(float(s2.total_weight), 1 - 0.81, rtol=1e-6)
+
+    centered = rmsprop_jax.scale_by_centered_rms(0.9, 1e-8)
+    v1, c1 = centered.update(g, centered.init(jnp.zeros(4)))
+    v2, _ = centered.update(ones, c1)
+    np.testing.assert_array_equal(np.asarray(v1[2:]), [big, -big])
+    np.testing.assert_allclose(
+        np.asarray(c1.mu)[2:], [math.sqrt(0.1 * big), -math.sqrt(0.1 * big)], rtol=1e-6
+    )
+    np.testing.assert_array_equal(np.asarray(c1.nu)[2:], [big, big])
+    variance = 0.9 * big + 0.1 - (0.9 * math.sqrt(0.1 * big) + 0.1) ** 2
+    np.testing.assert_allclose(np.asarray(v2[2:]), 1 / math.sqrt(variance), rtol=1e-5)
+    assert np.isnan(float(v2[1])) and np.isfinite(float(v2[0]))
+
+    # A float16 nu saturates at its own maximum.
+    narrow = rmsprop_jax.scale_by_rms(0.9, 1e-8, nu_dtype="float16")
+    _, n1 = narrow.update(g, narrow.init(jnp.zeros(4)))
+    np.testing.assert_array_equal(np.asarray(n1.nu, np.float32)[2:], [65504.0, 65504.0])
+    assert np.isnan(float(n1.nu[1]))
+
+
 # --- one test per one-line change the suite missed ------------------------------------------
 
 

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import inspect
 import math
 import os
-import pathlib
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -39,20 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import TESTS, load_module
 
 from rmsprop_jax import presets
 
-
-def _load_make_golden() -> Any:
-    """Imports ``tests/golden/make_golden.py`` by path (``tests`` is not a package)."""
-    path = pathlib.Path(__file__).parent / "golden" / "make_golden.py"
-    spec = importlib.util.spec_from_file_location("_rmsprop_jax_make_golden", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_golden = _load_make_golden()
+make_golden = load_module(TESTS / "golden" / "make_golden.py")
 STEPS = make_golden.STEPS
 
 # Against the frameworks (float32 against float32, different rounding order).

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _run_worker import run_worker
+from helpers import run_worker
 
 WORKER = Path(__file__).with_name("_sharding_worker.py")
 N_DEVICES = 8

@@ -1,7 +1,7 @@
 """Each transform against a float64 NumPy loop of its docstring's update rule.
 
-The reference functions below are written from the math in the docstrings of
-``scale_by_rms``, ``scale_by_centered_rms``, ``bias_correction`` and ``rmsprop``,
+The reference loop (``helpers.reference``) is written from the math in the docstrings
+of ``scale_by_rms``, ``scale_by_centered_rms``, ``bias_correction`` and ``rmsprop``,
 in float64 NumPy, independently of the library's code. The library runs in
 float32, so comparisons allow float32 rounding accumulated over the run.
 """
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import reference
 
 import rmsprop_jax
 
@@ -36,54 +37,6 @@ def make_gradients(seed: int, steps: int = STEPS) -> list[dict[str, np.ndarray]]
             step[name] = g.astype(np.float32)
         out.append(step)
     return out
-
-
-def constant_or_schedule(decay, t: int) -> float:
-    return float(decay(t)) if callable(decay) else float(decay)
-
-
-def reference_scaling(
-    grads,
-    *,
-    decay,
-    eps,
-    centered,
-    eps_in_sqrt,
-    initial_scale,
-    bias_correction,
-):
-    """float64 loop of the scaling transforms.
-
-    Returns per-step updates, the final moments and decay product, and per-step
-    condition numbers ``nu_hat / v`` of the denominator (1 for the plain variant):
-    the centered variance loses that many ulps to cancellation in float32.
-    """
-    names = list(grads[0])
-    nu = {k: np.full(SHAPES[k], initial_scale, np.float64) for k in names}
-    mu = {k: np.zeros(SHAPES[k], np.float64) for k in names}
-    product = 1.0
-    updates, conditions = [], []
-    for t, step in enumerate(grads):
-        rho = constant_or_schedule(decay, t)
-        previous, product = product, product * rho
-        correction = (1.0 - product) if (bias_correction and product < 1.0) else 1.0
-        one_sample = rho == 0.0 or (bias_correction and previous == 1.0)
-        out, cond = {}, {}
-        for k in names:
-            g = step[k].astype(np.float64)
-            nu[k] = rho * nu[k] + (1 - rho) * g * g
-            mu[k] = rho * mu[k] + (1 - rho) * g
-            nu_hat, mu_hat = nu[k] / correction, mu[k] / correction
-            if centered and not one_sample:
-                v = np.maximum(nu_hat - mu_hat**2, 0.0)
-            else:
-                v = nu_hat
-            d = np.sqrt(v + eps) if eps_in_sqrt else np.sqrt(v) + eps
-            out[k] = np.where(d > 0, g / np.where(d > 0, d, 1.0), 0.0)
-            cond[k] = nu_hat / np.maximum(v, 1e-300)
-        updates.append(out)
-        conditions.append(cond)
-    return updates, nu, mu, product, conditions
 
 
 def run(tx, grads, step_fn=None, params=None):
@@ -147,16 +100,15 @@ def test_scaling_matches_float64_reference(
     factory = rmsprop_jax.scale_by_centered_rms if centered else rmsprop_jax.scale_by_rms
     tx = factory(decay, eps, **kwargs)
     actual, state = run(tx, grads, maybe_jit(tx.update))
-    expected, nu, mu, product, conditions = reference_scaling(
-        grads, decay=decay, eps=eps, centered=centered, **kwargs
-    )
-    assert_updates_close(actual, expected, conditions)
+    ref = reference(grads, decay=decay, eps=eps, centered=centered, **kwargs)
+    assert_updates_close(actual, ref["updates"], ref["condition"])
+    nu, mu = ref["nu"][-1], ref["mu"][-1]
     for k in SHAPES:
         np.testing.assert_allclose(np.asarray(state.nu[k]), nu[k], rtol=2e-5)
         if centered:
             np.testing.assert_allclose(np.asarray(state.mu[k]), mu[k], rtol=2e-5, atol=1e-7)
     assert int(state.count) == STEPS
-    np.testing.assert_allclose(float(state.total_weight), 1 - product, rtol=1e-5)
+    np.testing.assert_allclose(float(state.total_weight), 1 - ref["product"][-1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -174,7 +126,7 @@ def test_decay_schedule_matches_float64_reference(maybe_jit, centered, bias_corr
     factory = rmsprop_jax.scale_by_centered_rms if centered else rmsprop_jax.scale_by_rms
     tx = factory(decay, 1e-8, bias_correction=bias_correction)
     actual, _ = run(tx, grads, maybe_jit(tx.update))
-    expected, *_, conditions = reference_scaling(
+    ref = reference(
         grads,
         decay=decay64,
         eps=1e-8,
@@ -183,7 +135,7 @@ def test_decay_schedule_matches_float64_reference(maybe_jit, centered, bias_corr
         initial_scale=0.0,
         bias_correction=bias_correction,
     )
-    assert_updates_close(actual, expected, conditions, rtol=5e-5)
+    assert_updates_close(actual, ref["updates"], ref["condition"], rtol=5e-5)
 
 
 def test_unit_gradient_first_step_closed_form():
@@ -191,27 +143,6 @@ def test_unit_gradient_first_step_closed_form():
     tx = rmsprop_jax.scale_by_rms(0.99, 1e-3)
     u, _ = tx.update(jnp.ones(3), tx.init(jnp.zeros(3)))
     chex.assert_trees_all_close(u, jnp.full(3, 1 / math.sqrt(0.01 + 1e-3)), rtol=1e-6)
-
-
-def reference_alias(grads, lr, *, momentum, nesterov, learning_rate_in_momentum, **scaling_kwargs):
-    """float64 loop of ``rmsprop``'s learning rate and momentum on top of the scaling."""
-    scaled, *_, conditions = reference_scaling(grads, **scaling_kwargs)
-    buffer = {k: np.zeros(s) for k, s in SHAPES.items()}
-    deltas = []
-    for t, v in enumerate(scaled):
-        eta = constant_or_schedule(lr, t)
-        step = {}
-        for k in v:
-            if momentum is None:
-                step[k] = -eta * v[k]
-            elif learning_rate_in_momentum:
-                buffer[k] = momentum * buffer[k] - eta * v[k]
-                step[k] = -eta * v[k] + momentum * buffer[k] if nesterov else buffer[k]
-            else:
-                buffer[k] = momentum * buffer[k] + v[k]
-                step[k] = -eta * (v[k] + momentum * buffer[k] if nesterov else buffer[k])
-        deltas.append(step)
-    return deltas, conditions
 
 
 ALIAS_CASES = [
@@ -243,7 +174,8 @@ def test_alias_matches_float64_reference_with_schedule(case, centered):
         lr, 0.95, 1e-6, centered=centered, eps_in_sqrt=False, bias_correction=True, **case
     )
     actual, _ = run(tx, grads, jax.jit(tx.update))
-    expected, conditions = reference_alias(grads, lambda t: 0.1 / (1.0 + t), **case, **scaling)
+    ref = reference(grads, learning_rate=lambda t: 0.1 / (1.0 + t), **case, **scaling)
+    expected, conditions = ref["updates"], ref["condition"]
     # The momentum buffer sums past updates, each with its own condition number.
     running = [
         {k: max(float(np.max(c[k])) for c in conditions[: t + 1]) for k in SHAPES}
@@ -302,7 +234,7 @@ OPTAX_CONFIGS = [
         [False, True],
     )
     # optax divides by sqrt(eps) at the first centered bias-corrected step (documented
-    # difference; tests/test_numerics.py compares those transforms from step 2 on).
+    # difference; tests/test_centered.py compares those transforms from step 2 on).
     if not (c and b)
 ]
 
@@ -344,7 +276,7 @@ def test_bias_correction_after_centered_debiases_the_variance_as_a_whole():
         rmsprop_jax.scale_by_centered_rms(0.9, 0.0), rmsprop_jax.bias_correction(0.9)
     )
     actual, _ = run(chain, grads)
-    plain, *_, conditions = reference_scaling(
+    ref = reference(
         grads,
         decay=0.9,
         eps=0.0,
@@ -353,8 +285,10 @@ def test_bias_correction_after_centered_debiases_the_variance_as_a_whole():
         initial_scale=0.0,
         bias_correction=False,
     )
-    expected = [{k: u[k] * math.sqrt(1 - 0.9 ** (t + 1)) for k in u} for t, u in enumerate(plain)]
-    assert_updates_close(actual, expected, conditions)
+    expected = [
+        {k: u[k] * math.sqrt(1 - 0.9 ** (t + 1)) for k in u} for t, u in enumerate(ref["updates"])
+    ]
+    assert_updates_close(actual, expected, ref["condition"])
 
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False])
