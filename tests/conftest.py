@@ -6,6 +6,9 @@
 * Hypothesis: the ``ci`` profile (the default) runs 100 derandomized examples per
   property with no deadline, since the first call of each test compiles;
   ``HYPOTHESIS_PROFILE=slow`` runs 1,000.
+* Slow tests (notebooks, worker processes, training runs, sweeps that compile one program
+  per case) carry ``@pytest.mark.slow``:
+  ``python -m pytest -m "not slow"`` is the quick tier for the edit-test loop.
 
 Shared test code (the float64 reference loop, configurations, worker loaders) lives in
 ``helpers.py``.

@@ -31,30 +31,37 @@ VARIANTS = list(worker.VARIANTS)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """Per variant: the uninterrupted run and the run resumed in another process."""
-    root = tmp_path_factory.mktemp("checkpoint")
+def uninterrupted(tmp_path_factory) -> tuple[dict, Path]:
+    """Per variant, the uninterrupted run; and the folder of the checkpoints saved mid-run."""
+    checkpoints = tmp_path_factory.mktemp("checkpoint") / "ckpt"
     params0, xs, ys = worker.make_problem()
     before, after = slice(None, worker.STEPS_BEFORE), slice(worker.STEPS_BEFORE, None)
-    uninterrupted = {}
+    runs = {}
     with ocp.StandardCheckpointer() as checkpointer:
         for name, make_tx in worker.VARIANTS.items():
             tx = make_tx()
             step = worker.make_step(tx)
             params = jax.tree.map(jnp.asarray, params0)
             params, state = worker.train(step, params, tx.init(params), xs[before], ys[before])
-            checkpointer.save(root / "ckpt" / name, (params, state))
+            checkpointer.save(checkpoints / name, (params, state))
             params, state = worker.train(step, params, state, xs[after], ys[after])
-            uninterrupted[name] = jax.device_get((params, state))
+            runs[name] = jax.device_get((params, state))
         # Leaving the block waits for the asynchronous saves to finish.
+    return runs, checkpoints
 
-    out = root / "resumed.pkl"
-    run_worker(WORKER, str(root / "ckpt"), str(out))
+
+@pytest.fixture(scope="module")
+def runs(uninterrupted) -> dict:
+    """Per variant: the uninterrupted run and the run resumed in another process."""
+    finished, checkpoints = uninterrupted
+    out = checkpoints.parent / "resumed.pkl"
+    run_worker(WORKER, str(checkpoints), str(out))
     with out.open("rb") as f:
         resumed = pickle.load(f)
-    return {name: (uninterrupted[name], resumed[name]) for name in VARIANTS}
+    return {name: (finished[name], resumed[name]) for name in VARIANTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_run_resumed_in_a_fresh_process_is_bit_identical(runs, name):
     uninterrupted, resumed = runs[name]
@@ -65,6 +72,7 @@ def test_run_resumed_in_a_fresh_process_is_bit_identical(runs, name):
     assert int(count) == worker.STEPS_BEFORE + worker.STEPS_AFTER
 
 
+@pytest.mark.slow
 def test_bfloat16_statistics_stay_bfloat16_through_the_checkpoint(runs):
     _, (_, state) = runs["bfloat16_state"]
     for field in ("nu", "mu", "trace"):
@@ -73,8 +81,8 @@ def test_bfloat16_statistics_stay_bfloat16_through_the_checkpoint(runs):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_flax_serialization_round_trips_the_state(runs, name):
-    (_, state), _ = runs[name]
+def test_flax_serialization_round_trips_the_state(uninterrupted, name):
+    _, state = uninterrupted[0][name]
     params0, _, _ = worker.make_problem()
     target = worker.VARIANTS[name]().init(params0)  # a freshly initialised state
 

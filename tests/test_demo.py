@@ -129,6 +129,7 @@ def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict
     return results
 
 
+@pytest.mark.slow
 def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     optimizers = ["rmsprop", "optax.adam"]
     assert main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
@@ -140,6 +141,7 @@ def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -
     assert digits_mlp["final_test_accuracy"][0] > 0.5  # 3 epochs already learn the digits
 
 
+@pytest.mark.slow
 def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
     _write_mnist(tmp_path / "mnist", compress=True, n_train=128, n_test=32)
     out = tmp_path / "out"

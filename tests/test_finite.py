@@ -205,6 +205,7 @@ EDGE_GROUPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", list(EDGE_GROUPS))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 def test_finite_in_finite_out_on_edge_cases(config, group):

@@ -30,6 +30,8 @@ linen = pytest.importorskip("flax.linen")
 train_state = pytest.importorskip("flax.training.train_state")
 datasets = pytest.importorskip("sklearn.datasets")
 
+pytestmark = pytest.mark.slow  # training runs
+
 STEPS = 25
 BATCH = 64
 HIDDEN = 16

@@ -140,6 +140,7 @@ def test_vmap_trains_an_ensemble_of_models():
 # ---------------------------------------------------------------------- grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("hyperparameter", ["learning_rate", "decay"])
 def test_grad_through_training_matches_finite_differences(name, hyperparameter):
@@ -189,6 +190,7 @@ def parallel(tmp_path_factory) -> dict:
 PARALLEL_RTOL, PARALLEL_ATOL = 2e-5, 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WORKER_CONFIGS)
 def test_pmap_replicas_agree_and_match_one_device(parallel, name):
     params, state, losses = parallel[name]["pmap"]
@@ -203,6 +205,7 @@ def test_pmap_replicas_agree_and_match_one_device(parallel, name):
     assert float(losses[-1][0]) < 0.6 * float(losses[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shard_map", "fsdp"])
 @pytest.mark.parametrize("name", WORKER_CONFIGS)
 def test_shard_map_data_parallel_matches_one_device(parallel, name, mode):
@@ -218,6 +221,7 @@ def test_shard_map_data_parallel_matches_one_device(parallel, name, mode):
         assert all(parallel[name]["fsdp_state_specs_hold"]), parallel[name]["fsdp_state_specs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WORKER_CONFIGS)
 def test_shard_map_init_and_scan_inside_matches_one_device(parallel, name):
     # init inside shard_map must give state that varies over the axis like the

@@ -26,6 +26,8 @@ from helpers import load_module, worker_env
 
 import rmsprop_jax
 
+pytestmark = pytest.mark.slow  # worker processes
+
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 N_PROCESSES = 2
 TIMEOUT_S = 120

@@ -201,6 +201,7 @@ def test_golden_files_match_the_script():
     assert KERAS_VERSIONS["keras_backend"] == "jax"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _golden_params(TORCH_CASES, nan=False))
 def test_pytorch_golden(case):
     config, grads, golden = case
@@ -213,6 +214,7 @@ def test_pytorch_golden(case):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _golden_params(KERAS_CASES, nan=False))
 def test_keras_golden(case):
     config, grads, golden = case
@@ -263,16 +265,19 @@ def _live(framework: str, config: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", make_golden.TORCH_CONFIGS, ids=lambda c: c["name"])
 def test_pytorch_live(config):
     _live("torch", config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", make_golden.KERAS_CONFIGS, ids=lambda c: c["name"])
 def test_keras_live(config):
     _live("keras", config)
 
 
+@pytest.mark.slow
 def test_pytorch_live_centered_nan_where_preset_is_finite():
     pytest.importorskip("torch")
     config = make_golden.TORCH_NAN_CONFIG
@@ -550,6 +555,7 @@ def _reference_cases():
         yield pytest.param(name, kwargs, peak, seed, id=f"{name}:{label}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "kwargs", "peak", "seed"), list(_reference_cases()))
 def test_reference_loop(name, kwargs, peak, seed):
     grads, params, rates = _reference_inputs(seed, peak)

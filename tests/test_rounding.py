@@ -87,6 +87,7 @@ def test_bfloat16_state_is_deterministic():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bfloat16_state_trains_like_float32_where_round_to_nearest_drifts():
     # A real training (MLP on scikit-learn's digits, decay 0.999): the loss curve with
     # stochastically rounded bfloat16 state stays within 5% of the float32-state curve at every

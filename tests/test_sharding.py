@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from helpers import run_worker
 
+pytestmark = pytest.mark.slow  # a worker process
+
 WORKER = Path(__file__).with_name("_sharding_worker.py")
 N_DEVICES = 8
 MESHES = ["explicit", "auto", "mixed"]

@@ -239,6 +239,7 @@ OPTAX_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config", OPTAX_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
 )
