@@ -11,6 +11,8 @@
 * :func:`load_module`, :func:`run_worker`, :func:`worker_env`: files of ``tests/`` loaded by
   path, and worker scripts run in a fresh Python process (one whose JAX runtime has its own
   device count), which imports the same ``rmsprop_jax`` as the test process.
+* :func:`import_from_repository`: the repository's top-level tools (``benchmarks/``), which
+  the wheel leaves out, for a test that runs them from a clone.
 
 ``tests`` is not a package; pytest puts this folder on ``sys.path``, so test files and
 worker scripts import this module as ``helpers``.
@@ -18,6 +20,7 @@ worker scripts import this module as ``helpers``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
 import math
@@ -437,3 +440,17 @@ def run_worker(worker: Path, *args: str, devices: int | None = None, timeout: in
     )
     if proc.returncode != 0:
         pytest.fail(f"{worker.name} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+
+
+def import_from_repository(name: str) -> ModuleType:
+    """Imports ``name`` from the repository's top level (``benchmarks``: not in the wheel).
+
+    The repository root is on ``sys.path`` for this import only, after ``rmsprop_jax`` is
+    imported, so the imported tool uses the package under test, not the source tree's copy.
+    """
+    root = str(REPOSITORY)
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(root)
