@@ -124,10 +124,7 @@ def scale_by_centered_rms(
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByCenteredRmsState:
-        _validation.check_params_inexact(params, naming.caller or "scale_by_centered_rms")
-        _validation.check_at_run_time(
-            [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
-        )
+        _validation.check_scaling_init(params, initial_scale, naming, "scale_by_centered_rms")
         return ScaleByCenteredRmsState(
             **_state.initial_counters(),
             mu=_state.statistic(params, mu_dtype, real=False),

@@ -107,10 +107,7 @@ def scale_by_rms(
     nu_dtype = _validation.resolve_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByRmsState:
-        _validation.check_params_inexact(params, naming.caller or "scale_by_rms")
-        _validation.check_at_run_time(
-            [("initial_scale", initial_scale, _validation.NON_NEGATIVE)], naming
-        )
+        _validation.check_scaling_init(params, initial_scale, naming, "scale_by_rms")
         return ScaleByRmsState(
             **_state.initial_counters(),
             nu=_state.statistic(params, nu_dtype, real=True, fill=initial_scale),

@@ -180,6 +180,19 @@ def check_scaling(
     check_bool("bias_correction", bias_correction)
 
 
+def check_scaling_init(
+    params: optax.Params, initial_scale: Any, naming: Naming, transform: str
+) -> None:
+    """The checks that the two RMS scaling transforms share when their state is made.
+
+    Every parameter leaf must be floating or complex (:func:`check_params_inexact`, which
+    names the caller, else ``transform``), and a traced ``initial_scale`` must be
+    non-negative (:func:`check_at_run_time`).
+    """
+    check_params_inexact(params, naming.caller or transform)
+    check_at_run_time([("initial_scale", initial_scale, NON_NEGATIVE)], naming)
+
+
 # --- run-time checks ------------------------------------------------------------------------
 
 _runtime_checks_enabled = True
