@@ -72,20 +72,22 @@ def widen(x: jax.Array, real_dtype: np.dtype) -> jax.Array:
 
 
 def abs_sq(x: jax.Array) -> jax.Array:
-    r""":math:`|x|^2`, real for complex ``x``, saturated at the largest finite value.
-
-    Saturated here, not only when stored: with a decay of 1 the moving average
-    multiplies the square by :math:`1 - \rho = 0`, and :math:`0 \cdot \infty` is NaN.
-    """
-    square = jnp.square(x.real) + jnp.square(x.imag) if jnp.iscomplexobj(x) else jnp.square(x)
-    return jnp.minimum(square, jnp.finfo(square.dtype).max)
+    """:math:`|x|^2`, real for complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
 
 
 def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
-    r"""One step of an exponential moving average, :math:`\rho\,old + (1 - \rho)\,new`."""
+    r"""One step of an exponential moving average, :math:`\rho\,old + (1 - \rho)\,new`.
+
+    With :math:`\rho = 1` the result is ``old`` exactly: a square that overflowed to
+    infinity (saturated only when stored) would otherwise give :math:`0 \cdot \infty`,
+    NaN.
+    """
     if jnp.iscomplexobj(old):
         rho = rho.astype(old.dtype)  # a real rho times a complex mean is a promotion
-    return rho * old + (1 - rho) * new
+    return jnp.where(rho == 1, old, rho * old + (1 - rho) * new)
 
 
 def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
