@@ -6,9 +6,11 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import pickle
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -60,8 +62,11 @@ def _write_cifar(directory: pathlib.Path, per_batch: int = 6) -> dict[str, dict[
         batch = {
             b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
             b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"batch_label": name.encode(),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
         }
-        (folder / name).write_bytes(pickle.dumps(batch))
+        # Protocol 2, as the real (Python 2) files; Python 3 writes the bytes via _codecs.encode.
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         batches[name] = batch
     return batches
 
@@ -106,6 +111,97 @@ def test_load_cifar10(tmp_path: pathlib.Path) -> None:
     np.testing.assert_allclose(data.x_train[0, :, :, 0], first[:1024].reshape(32, 32) / 255.0)
     np.testing.assert_allclose(data.x_train[0, 0, 1, 2], first[2048 + 1] / 255.0)
     np.testing.assert_array_equal(data.y_test, batches["test_batch"][b"labels"])
+
+
+class _RunsACommand:
+    """Unpickles as ``os.system(command)``: what a crafted "batch" could do to a plain loader."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (self.command,))
+
+
+def test_cifar_batch_that_would_run_a_command_is_refused(tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "marker"
+    crafted = {
+        b"data": np.zeros((2, 3072), dtype=np.uint8),
+        b"labels": [0, 1],
+        b"payload": _RunsACommand(f"touch {shlex.quote(str(marker))}"),
+    }
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(crafted, protocol=2))
+    # The error names the refused global (os.system lives in `posix` on Unix, `nt` on Windows).
+    refused = re.escape(f"refused global `{os.system.__module__}.system`")
+    with pytest.raises(ValueError, match=refused):
+        demo_data.load_cifar_batch(path)
+    (tmp_path / "test_batch").write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match=refused):
+        demo_data.load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("global_", "message"),
+    [
+        (b"builtins\neval", "refused global `builtins.eval`"),
+        (b"numpy\nload", "refused global `numpy.load`"),
+    ],
+)
+def test_cifar_loader_refuses_other_globals(
+    tmp_path: pathlib.Path, global_: bytes, message: str
+) -> None:
+    # PROTO 2, GLOBAL, a one-character argument, TUPLE1, REDUCE, STOP.
+    path = tmp_path / "batch"
+    path.write_bytes(b"\x80\x02c" + global_ + b"\nX\x01\x00\x00\x001\x85R.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        demo_data.load_cifar_batch(path)
+
+
+def test_cifar_loader_refuses_object_arrays(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({b"data": np.array([1, None], dtype=object)}, protocol=2))
+    with pytest.raises(ValueError, match="refused NumPy dtype object"):
+        demo_data.load_cifar_batch(path)
+
+
+def test_cifar_loader_truncated_and_non_pickle_files(tmp_path: pathlib.Path) -> None:
+    _write_cifar(tmp_path)
+    whole = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    for cut in (1, len(whole) // 2, len(whole) - 1):
+        path = tmp_path / f"cut{cut}"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=f"`{re.escape(str(path))}` is not a CIFAR-10"):
+            demo_data.load_cifar_batch(path)
+    for name, content in (("text", b"hello, not a pickle\n"), ("empty", b""), ("png", b"\x89PNG")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match="is not a CIFAR-10 python batch"):
+            demo_data.load_cifar_batch(path)
+    (tmp_path / "list").write_bytes(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(ValueError, match="a CIFAR-10 batch is a dict, got list"):
+        demo_data.load_cifar_batch(tmp_path / "list")
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy._core", "numpy.core"], ids=["numpy2", "numpy1"])
+def test_cifar_batch_loads_all_its_fields(tmp_path: pathlib.Path, numpy_module: str) -> None:
+    batches = _write_cifar(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    # The real files, written by NumPy 1, name `numpy.core.multiarray._reconstruct`.
+    raw = path.read_bytes().replace(
+        b"numpy._core.multiarray\n", f"{numpy_module}.multiarray\n".encode()
+    )
+    path.write_bytes(raw)
+    batch = demo_data.load_cifar_batch(path)
+    expected = batches["test_batch"]
+    assert set(batch) == set(expected)
+    data = batch[b"data"]
+    assert isinstance(data, np.ndarray) and data.dtype == np.uint8
+    np.testing.assert_array_equal(data, np.asarray(expected[b"data"]))
+    assert batch[b"labels"] == expected[b"labels"]
+    assert batch[b"filenames"] == expected[b"filenames"]
+    assert batch[b"batch_label"] == b"test_batch"
 
 
 def test_missing_data_dir_names_the_formats(tmp_path: pathlib.Path) -> None:

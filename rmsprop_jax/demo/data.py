@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import pathlib
 import pickle
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -18,6 +18,7 @@ __all__ = [
     "Dataset",
     "find_image_dataset",
     "load_cifar10",
+    "load_cifar_batch",
     "load_digits",
     "load_mnist",
     "make_linear_regression",
@@ -152,9 +153,98 @@ def load_mnist(directory: pathlib.Path) -> Dataset:
     )
 
 
-def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 uses it to write ``bytes`` at pickle protocol 2."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(
+            f"refused `_codecs.encode` with encoding {encoding!r}: bytes are written as latin-1"
+        )
+    return text.encode("latin-1")
+
+
+def _plain_dtype(*args: object) -> np.dtype:
+    """``numpy.dtype`` for the array's element type, refusing object dtypes (which hold objects)."""
+    dtype = np.dtype(*cast(Any, args))
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refused NumPy dtype {dtype}: it holds Python objects")
+    return dtype
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """NumPy's array reconstruction (``numpy._core.multiarray._reconstruct``), ndarray only."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refused array subtype {subtype!r}: only numpy.ndarray")
+    # The real ``_reconstruct`` makes an empty array; the pickle's BUILD then sets its data.
+    return np.ndarray(cast(Any, shape), dtype=cast(Any, dtype))
+
+
+# The globals a CIFAR-10 python batch refers to: the real files (Python 2, protocol 2) pickle a
+# dict of byte strings, lists and one uint8 array, built by NumPy's ``_reconstruct``, ``ndarray``
+# and ``dtype``; NumPy 2 names the module ``numpy._core``. Python 3 writes ``bytes`` at protocol
+# 2 as ``_codecs.encode(text, "latin1")``, admitted so that a batch re-saved that way loads.
+# Each admitted name maps to a function that checks its arguments; nothing else resolves.
+_CIFAR_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals a CIFAR-10 batch contains.
+
+    Unpickling runs code only through the globals a file names (functions and classes it
+    calls); this one refuses every global outside :data:`_CIFAR_GLOBALS`, so a crafted file
+    gets an error instead of running anything.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            admitted = ", ".join(f"{m}.{n}" for m, n in _CIFAR_GLOBALS)
+            raise pickle.UnpicklingError(
+                f"refused global `{module}.{name}`: a CIFAR-10 batch holds only a dict of bytes, "
+                f"lists and NumPy arrays (admitted: {admitted})"
+            ) from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("refused a persistent id: a CIFAR-10 batch has none")
+
+
+def load_cifar_batch(path: pathlib.Path) -> dict[bytes, object]:
+    """Reads one CIFAR-10 python batch with a restricted unpickler; never runs code from it.
+
+    Only the dict, byte strings, lists, ints and NumPy's array reconstruction are admitted
+    (what the real batches contain); any other global a file names is refused before it is
+    called.
+
+    Raises:
+        ValueError: naming ``path``, if the file refers to anything else (the refused global
+            is named), is truncated, is not a pickle, or does not hold a dict.
+    """
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"`{path}` is not a CIFAR-10 python batch: {err}") from None
+        except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+            # What pickle raises on a cut-off or garbled stream varies with where it ends.
+            raise ValueError(
+                f"`{path}` is not a CIFAR-10 python batch (truncated or not a pickle): "
+                f"{type(err).__name__}: {err}"
+            ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"`{path}`: a CIFAR-10 batch is a dict, got {type(batch).__name__}")
+    return batch
+
+
+def _read_cifar_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = load_cifar_batch(path)
+    if b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"`{path}`: expected keys b'data' and b'labels', got {sorted(batch)}")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int32)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
@@ -170,7 +260,8 @@ def load_cifar10(directory: pathlib.Path) -> Dataset:
     ``directory`` may be ``cifar-10-batches-py`` itself or its parent. Missing training batches
     are skipped (at least ``data_batch_1`` is needed). Images come back as (N, 32, 32, 3).
 
-    .. warning:: ``pickle`` runs code from the file; only point this at files you trust.
+    The batches are read by :func:`load_cifar_batch`, which admits only what a CIFAR-10 batch
+    contains, so a crafted file cannot run code.
     """
     if (directory / "cifar-10-batches-py").is_dir():
         directory = directory / "cifar-10-batches-py"
