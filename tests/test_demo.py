@@ -22,8 +22,8 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
+from rmsprop_jax.demo import CONTENDERS, TASK_KEYS, build_tasks, report
 from rmsprop_jax.demo import data as demo_data
-from rmsprop_jax.demo import report
 from rmsprop_jax.demo.__main__ import main
 
 
@@ -227,9 +227,9 @@ def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict
 
 @pytest.mark.slow
 def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    optimizers = ["rmsprop", "optax.adam"]
+    optimizers = ["rmsprop", "adam"]
     assert main(["--quick", "--out", str(tmp_path), "--optimizers", *optimizers]) == 0
-    results = _check_outputs(tmp_path, 4, optimizers)
+    results = _check_outputs(tmp_path, 6, optimizers)
     captured = capsys.readouterr()
     assert "results.json" in captured.out
     assert "\r" not in captured.err  # stderr is not a terminal here: no progress bar
@@ -242,7 +242,7 @@ def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
     _write_mnist(tmp_path / "mnist", compress=True, n_train=128, n_test=32)
     out = tmp_path / "out"
     argv = ["--quick", "--out", str(out), "--data-dir", str(tmp_path / "mnist")]
-    assert main([*argv, "--optimizers", "rmsprop", "--tasks", "1", "2"]) == 0
+    assert main([*argv, "--optimizers", "rmsprop", "--tasks", "mlp", "cnn"]) == 0
     results = _check_outputs(out, 2, ["rmsprop"])
     assert set(results["tasks"]) == {"MLP on mnist", "CNN on mnist"}
 
@@ -252,7 +252,16 @@ def test_run_on_mnist_files(tmp_path: pathlib.Path) -> None:
     [
         (["--seeds", "0"], "`--seeds` must be at least 1, got 0"),
         (["--limit", "-5"], "`--limit` must be 0"),
-        (["--tasks", "1", "7"], r"`--tasks` takes indices 0-3, got \[7\]"),
+        (
+            ["--tasks", "mlp", "7"],
+            r"--tasks: invalid choice: '7' \(choose from 'linear', 'mlp', 'cnn', 'gru', "
+            r"'lstm', 'deep'\)",
+        ),
+        (
+            ["--optimizers", "rmsprop", "optax.adam"],
+            r"--optimizers: invalid choice: 'optax.adam' \(choose from 'rmsprop', "
+            r"'rmsprop-centered', .*'adam', 'nadam', 'adagrad'\)",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument_and_value(
@@ -274,9 +283,21 @@ def test_runs_as_a_module() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m rmsprop_jax.demo ")
     for flag in ("--quick", "--seeds", "--seed", "--out", "--data-dir", "--limit", "--tasks"):
         assert flag in result.stdout
     assert "--optimizers" in result.stdout
+    # Every task and optimizer name is listed, and none has a space (one shell word each).
+    for name in [*TASK_KEYS, *CONTENDERS]:
+        assert re.search(rf"^  {re.escape(name)} ", result.stdout, re.MULTILINE), name
+        assert " " not in name
+
+
+def test_tasks_are_built_by_name() -> None:
+    tasks = build_tasks(quick=True, data_dir=None, limit=0, keys=["lstm", "deep"])
+    assert [t.key for t in tasks] == ["lstm", "deep"]
+    with pytest.raises(ValueError, match="unknown tasks \\['rnn'\\]; the tasks are linear, mlp"):
+        build_tasks(quick=True, data_dir=None, limit=0, keys=["rnn"])
 
 
 class _Terminal(io.StringIO):

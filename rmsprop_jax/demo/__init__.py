@@ -18,11 +18,13 @@ from rmsprop_jax.demo import report as report
 from rmsprop_jax.demo import training as training
 from rmsprop_jax.demo.training import CONTENDERS as CONTENDERS
 from rmsprop_jax.demo.training import QUICK_CONTENDERS as QUICK_CONTENDERS
+from rmsprop_jax.demo.training import TASK_KEYS as TASK_KEYS
 from rmsprop_jax.demo.training import Contender as Contender
 from rmsprop_jax.demo.training import Task as Task
 from rmsprop_jax.demo.training import build_tasks as build_tasks
 from rmsprop_jax.demo.training import summarise as summarise
 from rmsprop_jax.demo.training import train_contender as train_contender
+from rmsprop_jax.demo.training import train_sensitivity as train_sensitivity
 
 # The three modules, and the names of training's own __all__ (re-exported above).
 __all__ = ["data", "report", "training"]

@@ -1,11 +1,12 @@
-"""Compare RMSProp variants with SGD, Adam, NAdam and Adagrad on four small Flax NNX models.
+"""Compare RMSProp variants with SGD, Adam, NAdam and Adagrad on six small Flax NNX models.
 
 Run ``python -m rmsprop_jax.demo`` (a few minutes on 2 CPU cores; ``--quick`` takes well under a
 minute). Needs the ``examples`` extra (flax, scikit-learn, matplotlib; tqdm optional).
 
-The tasks: linear regression on synthetic data, an MLP and a small CNN on scikit-learn's bundled
-8x8 digits (no download; ``--data-dir`` switches them to MNIST or CIFAR-10 files you already
-have), and a GRU that counts the ones in a generated binary sequence. Every optimizer trains the
+The tasks: linear regression on synthetic data, an MLP, a small CNN and a deep, narrow tanh MLP
+on scikit-learn's bundled 8x8 digits (no download; ``--data-dir`` switches them to MNIST or
+CIFAR-10 files you already have), and a GRU and an LSTM that count the ones in a generated
+binary sequence. Every optimizer trains the
 same initialisation on the same mini-batches. Its learning rate is picked fairly from five
 values, half a decade apart, by the final training loss averaged over seeds; the table gives
 the mean ± std over seeds at that learning rate. All learning rates and seeds of one optimizer
@@ -29,6 +30,7 @@ from rmsprop_jax.demo import report
 from rmsprop_jax.demo.training import (
     CONTENDERS,
     QUICK_CONTENDERS,
+    TASK_KEYS,
     build_tasks,
     summarise,
     train_contender,
@@ -36,11 +38,26 @@ from rmsprop_jax.demo.training import (
 
 __all__ = ["main"]
 
+_TASK_HELP = {
+    "linear": "linear regression on synthetic data",
+    "mlp": "an MLP (one ReLU layer) on digits",
+    "cnn": "a small CNN on digits",
+    "gru": "a GRU counting the ones in bit sequences",
+    "lstm": "an LSTM on the same sequences",
+    "deep": "a 12-layer, 16-wide tanh MLP on digits (fading gradients)",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the comparison; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m rmsprop_jax.demo", description=(__doc__ or "").splitlines()[0]
+        prog="python -m rmsprop_jax.demo",
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="tasks (--tasks):\n"
+        + "".join(f"  {k:<24}{_TASK_HELP[k]}\n" for k in TASK_KEYS)
+        + "optimizers (--optimizers):\n"
+        + "".join(f"  {k:<24}{c.label}\n" for k, c in CONTENDERS.items()),
     )
     parser.add_argument("--quick", action="store_true", help="3 epochs, 1 seed, 5 optimizers (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (3; quick 1)")
@@ -56,23 +73,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit", type=int, default=10000, help="with --data-dir: training examples kept (0: all)"
     )
     parser.add_argument(
-        "--optimizers", nargs="+", choices=sorted(CONTENDERS), default=None, help="a subset"
+        "--optimizers",
+        nargs="+",
+        choices=list(CONTENDERS),
+        default=None,
+        metavar="NAME",
+        help="optimizers to compare, by name (listed below; default: all, quick: "
+        + " ".join(QUICK_CONTENDERS)
+        + ")",
     )
-    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task indices (0-3)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=list(TASK_KEYS),
+        default=None,
+        metavar="TASK",
+        help="tasks to run, by name (listed below; default: all)",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"`--seeds` must be at least 1, got {args.seeds}")
     if args.limit < 0:
         parser.error(f"`--limit` must be 0 (keep all) or positive, got {args.limit}")
-    bad_tasks = [i for i in args.tasks or [] if not 0 <= i <= 3]
-    if bad_tasks:
-        parser.error(f"`--tasks` takes indices 0-3, got {bad_tasks}")
 
     num_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds = list(range(args.seed, args.seed + num_seeds))
-    tasks = build_tasks(args.quick, args.data_dir, args.limit)
-    if args.tasks is not None:
-        tasks = [tasks[i] for i in args.tasks]
+    tasks = build_tasks(args.quick, args.data_dir, args.limit, args.tasks or TASK_KEYS)
     names = args.optimizers or (QUICK_CONTENDERS if args.quick else list(CONTENDERS))
     contenders = {k: CONTENDERS[k] for k in names}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, contender in contenders.items():
                 bar.set_description(f"{task.name}: {name}")
                 curves = train_contender(task, contender, seeds, lambda: bar.update(1))
-                rows[name] = summarise(task, contender.learning_rates, curves)
+                rows[name] = {
+                    "label": contender.label,
+                    **summarise(task, contender.learning_rates, curves),
+                }
             results[task.name] = (task, rows)
     finally:
         bar.close()
@@ -105,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("\nmatplotlib is not installed: no figures (pip install matplotlib)")
     else:
-        for i, (task, rows) in enumerate(results.values()):
-            report.plot_task(task, rows, args.out / f"task{i}_{task.name.replace(' ', '_')}.png")
+        for task, rows in results.values():
+            report.plot_task(task, rows, args.out / f"task_{task.key}.png")
 
     payload = {
         "seeds": seeds,

@@ -1,14 +1,24 @@
-"""Flax NNX models for ``rmsprop_jax.demo``: linear regression, an MLP, a small CNN and a GRU."""
+"""Flax NNX models for ``rmsprop_jax.demo``: linear regression, MLPs, a CNN, a GRU, an LSTM."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["CNN", "MLP", "GRUClassifier", "LinearRegression", "PatchConv"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "DeepTanhMLP",
+    "GRUClassifier",
+    "LSTMClassifier",
+    "LinearRegression",
+    "PatchConv",
+]
 
 
 class PatchConv(nnx.Module):
@@ -94,6 +104,44 @@ class MLP(nnx.Module):
         return self.out(nnx.relu(self.hidden(x)))
 
 
+class DeepTanhMLP(nnx.Module):
+    """Flattens the input, then ``depth`` narrow tanh layers: a network whose gradients fade.
+
+    Each tanh layer multiplies the backpropagated gradient by its weights and by
+    ``tanh' <= 1``, so with LeCun-normal weights the gradient reaching the first layers is
+    much smaller than the one at the read-out. Plain gradient descent then barely moves the
+    early layers, while RMSProp-like methods rescale every parameter's step by its own
+    gradient's size.
+
+    Args:
+      input_shape: the shape of one example.
+      classes: the number of logits.
+      depth: the number of tanh layers.
+      width: the width of each tanh layer.
+      rngs: the random streams the weights are drawn from.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        classes: int,
+        *,
+        depth: int = 12,
+        width: int = 16,
+        rngs: nnx.Rngs,
+    ) -> None:
+        sizes = [math.prod(input_shape)] + [width] * depth
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+        self.out = nnx.Linear(width, classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits of shape (batch, classes) for a batch of examples."""
+        x = jnp.reshape(x, (x.shape[0], -1))
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))
+        return self.out(x)
+
+
 class CNN(nnx.Module):
     """Two 3x3 convolutions (the second with stride 2), then a linear read-out.
 
@@ -144,11 +192,38 @@ class GRUClassifier(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits of shape (batch, classes) for sequences (batch, time, features)."""
         carry = jnp.zeros((x.shape[0], self.hidden), dtype=x.dtype)
+        return self.out(_scan_cell(self.cell, carry, x))
 
-        def step(carry: jax.Array, x_t: jax.Array) -> tuple[jax.Array, None]:
-            carry, _ = self.cell(carry, x_t)
-            return carry, None
 
-        # Time-major for the scan; the cell only reads its parameters, so closing over it is safe.
-        carry, _ = jax.lax.scan(step, carry, jnp.swapaxes(x, 0, 1))
-        return self.out(carry)
+class LSTMClassifier(nnx.Module):
+    """An LSTM (``nnx.OptimizedLSTMCell``) over (batch, time, features); reads out the last h.
+
+    Args:
+      features: the size of the input at one time step.
+      classes: the number of logits.
+      hidden: the size of the LSTM's cell and hidden state.
+      rngs: the random streams the weights are drawn from.
+    """
+
+    def __init__(self, features: int, classes: int, *, hidden: int = 32, rngs: nnx.Rngs) -> None:
+        self.cell = nnx.OptimizedLSTMCell(features, hidden, rngs=rngs)
+        self.hidden = hidden
+        self.out = nnx.Linear(hidden, classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits of shape (batch, classes) for sequences (batch, time, features)."""
+        zeros = jnp.zeros((x.shape[0], self.hidden), dtype=x.dtype)
+        _, h = _scan_cell(self.cell, (zeros, zeros), x)  # the carry is (cell state c, output h)
+        return self.out(h)
+
+
+def _scan_cell(cell: Any, carry: Any, x: jax.Array) -> Any:
+    """Runs a recurrent cell over the time axis of (batch, time, features); the last carry."""
+
+    def step(carry: Any, x_t: jax.Array) -> tuple[Any, None]:
+        carry, _ = cell(carry, x_t)
+        return carry, None
+
+    # Time-major for the scan; the cell only reads its parameters, so closing over it is safe.
+    carry, _ = jax.lax.scan(step, carry, jnp.swapaxes(x, 0, 1))
+    return carry

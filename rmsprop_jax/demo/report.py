@@ -47,7 +47,7 @@ def format_table(task: Task, rows: dict[str, dict[str, Any]]) -> str:
         )
         edge = " †" if row["learning_rate_at_edge"] else ""
         lines.append(
-            f"| {name} | {sweep}{edge} | {_mean_std(row['final_train_loss'], 4)} "
+            f"| {row.get('label', name)} | {sweep}{edge} | {_mean_std(row['final_train_loss'], 4)} "
             f"| {_mean_std(row['final_test_loss'], 4)} "
             f"| {_mean_std(row['final_test_accuracy'], 3)} "
             f"| {_mean_std(row['steps_to_target'], 0)} |"
@@ -63,6 +63,7 @@ def plot_task(task: Task, rows: dict[str, dict[str, Any]], path: pathlib.Path) -
     loss_ax, right_ax = fig.subplots(1, 2)
     right_key = "test_accuracy" if task.data.num_classes else "test_loss"
     for name, row in rows.items():
+        label = row.get("label", name)
         for ax, key in ((loss_ax, "train_loss"), (right_ax, right_key)):
             values = np.asarray(row["curves"][key], dtype=np.float64)
             epochs = np.arange(values.shape[1])
@@ -70,8 +71,8 @@ def plot_task(task: Task, rows: dict[str, dict[str, Any]], path: pathlib.Path) -
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(values, axis=0)
                 low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-            style = "--" if name.startswith("optax.") else "-"  # baselines dashed
-            (line,) = ax.plot(epochs, mean, style, label=name)
+            style = "--" if label.startswith("optax.") else "-"  # baselines dashed
+            (line,) = ax.plot(epochs, mean, style, label=label)
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
     loss_ax.set_yscale("log")
     loss_ax.axhline(task.target_loss, color="grey", linestyle=":", linewidth=1)

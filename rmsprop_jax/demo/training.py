@@ -27,11 +27,13 @@ from rmsprop_jax.demo import data as demo_data
 __all__ = [
     "CONTENDERS",
     "QUICK_CONTENDERS",
+    "TASK_KEYS",
     "Contender",
     "Task",
     "build_tasks",
     "summarise",
     "train_contender",
+    "train_sensitivity",
 ]
 
 MakeTx = Callable[[jax.Array], optax.GradientTransformation]
@@ -40,6 +42,7 @@ MakeTx = Callable[[jax.Array], optax.GradientTransformation]
 class Contender(NamedTuple):
     """An optimizer built from a (possibly traced) learning rate, and the rates to sweep."""
 
+    label: str  # the name in tables and figures; the key in CONTENDERS is the CLI name
     make: MakeTx
     learning_rates: tuple[float, ...]  # half-decade steps; the table flags a pick at an end
     # optax's own optimizers rely on standard dtype promotion (e.g. adam's bias correction takes
@@ -49,40 +52,44 @@ class Contender(NamedTuple):
 
 _RMS_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
+# Keys are the names ``--optimizers`` takes: lower case, no spaces.
 CONTENDERS: dict[str, Contender] = {
-    "rmsprop": Contender(lambda lr: rmsprop_jax.rmsprop(lr), _RMS_LRS),
-    "rmsprop centered": Contender(lambda lr: rmsprop_jax.rmsprop(lr, centered=True), _RMS_LRS),
-    "rmsprop momentum 0.9": Contender(
-        lambda lr: rmsprop_jax.rmsprop(lr, momentum=0.9), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    "rmsprop": Contender("rmsprop", lambda lr: rmsprop_jax.rmsprop(lr), _RMS_LRS),
+    "rmsprop-centered": Contender(
+        "rmsprop centered", lambda lr: rmsprop_jax.rmsprop(lr, centered=True), _RMS_LRS
     ),
-    "rmsprop bias-corrected": Contender(
-        lambda lr: rmsprop_jax.rmsprop(lr, bias_correction=True), _RMS_LRS
+    "rmsprop-momentum": Contender(
+        "rmsprop momentum 0.9",
+        lambda lr: rmsprop_jax.rmsprop(lr, momentum=0.9),
+        (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     ),
-    "presets.pytorch": Contender(lambda lr: presets.pytorch(lr=lr), _RMS_LRS),
-    "optax.sgd momentum 0.9": Contender(
-        lambda lr: optax.sgd(lr, momentum=0.9), (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), strict=False
+    "rmsprop-bias-corrected": Contender(
+        "rmsprop bias-corrected", lambda lr: rmsprop_jax.rmsprop(lr, bias_correction=True), _RMS_LRS
     ),
-    "optax.adam": Contender(lambda lr: optax.adam(lr), _RMS_LRS, strict=False),
-    "optax.nadam": Contender(lambda lr: optax.nadam(lr), _RMS_LRS, strict=False),
-    "optax.adagrad": Contender(
-        lambda lr: optax.adagrad(lr), (1e-2, 3e-2, 1e-1, 3e-1, 1.0), strict=False
+    "pytorch-preset": Contender("presets.pytorch", lambda lr: presets.pytorch(lr=lr), _RMS_LRS),
+    "sgd": Contender("optax.sgd", lambda lr: optax.sgd(lr), (1e-2, 3e-2, 1e-1, 3e-1, 1.0), False),
+    "sgd-momentum": Contender(
+        "optax.sgd momentum 0.9",
+        lambda lr: optax.sgd(lr, momentum=0.9),
+        (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+        strict=False,
+    ),
+    "adam": Contender("optax.adam", lambda lr: optax.adam(lr), _RMS_LRS, strict=False),
+    "nadam": Contender("optax.nadam", lambda lr: optax.nadam(lr), _RMS_LRS, strict=False),
+    "adagrad": Contender(
+        "optax.adagrad", lambda lr: optax.adagrad(lr), (1e-2, 3e-2, 1e-1, 3e-1, 1.0), strict=False
     ),
 }
 
 
 # ``--quick`` (CI) keeps one of each kind, since compiling dominates a short run.
-QUICK_CONTENDERS = [
-    "rmsprop",
-    "rmsprop momentum 0.9",
-    "presets.pytorch",
-    "optax.sgd momentum 0.9",
-    "optax.adam",
-]
+QUICK_CONTENDERS = ["rmsprop", "rmsprop-momentum", "pytorch-preset", "sgd-momentum", "adam"]
 
 
 class Task(NamedTuple):
     """One model on one data set."""
 
+    key: str  # the name ``--tasks`` takes: lower case, no spaces
     name: str
     data: demo_data.Dataset
     make_model: Callable[[Any], Any]  # nnx.Rngs -> nnx.Module
@@ -91,10 +98,25 @@ class Task(NamedTuple):
     target_loss: float  # "steps to target" counts steps until the full training loss is below
 
 
-def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[Task]:
-    """The four tasks; ``quick`` shortens training, ``data_dir`` swaps digits for MNIST/CIFAR."""
+TASK_KEYS = ("linear", "mlp", "cnn", "gru", "lstm", "deep")
+
+
+def build_tasks(
+    quick: bool, data_dir: pathlib.Path | None, limit: int, keys: Sequence[str] = TASK_KEYS
+) -> list[Task]:
+    """The tasks named by ``keys`` (of :data:`TASK_KEYS`), in that order.
+
+    ``quick`` shortens training; ``data_dir`` swaps digits for MNIST or CIFAR-10 files in the
+    MLP, CNN and deep-MLP tasks.
+
+    Raises:
+        ValueError: if a key is not one of :data:`TASK_KEYS`.
+    """
     from rmsprop_jax.demo import models
 
+    unknown = [k for k in keys if k not in TASK_KEYS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; the tasks are {', '.join(TASK_KEYS)}")
     images = (
         demo_data.load_digits(0)
         if data_dir is None
@@ -103,9 +125,10 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
     linear = demo_data.make_linear_regression(0)
     sequences = demo_data.make_sequence_count(0)
     shape = tuple(images.x_train.shape[1:])
-    epochs, short = (3, 3) if quick else (20, 15)  # the CNN and GRU take longer per epoch
-    return [
-        Task(
+    epochs, short = (3, 3) if quick else (20, 15)  # the CNN and the RNNs take longer per epoch
+    builders: dict[str, Callable[[], Task]] = {
+        "linear": lambda: Task(
+            "linear",
             "linear regression",
             linear,
             lambda rngs: models.LinearRegression(linear.x_train.shape[1], rngs=rngs),
@@ -113,7 +136,8 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
             32,
             0.05,
         ),
-        Task(
+        "mlp": lambda: Task(
+            "mlp",
             f"MLP on {images.name}",
             images,
             lambda rngs: models.MLP(shape, images.num_classes, rngs=rngs),
@@ -121,7 +145,8 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
             64,
             0.1,
         ),
-        Task(
+        "cnn": lambda: Task(
+            "cnn",
             f"CNN on {images.name}",
             images,
             lambda rngs: models.CNN(shape, images.num_classes, rngs=rngs),
@@ -129,7 +154,8 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
             64,
             0.1,
         ),
-        Task(
+        "gru": lambda: Task(
+            "gru",
             "GRU on sequence count",
             sequences,
             lambda rngs: models.GRUClassifier(2, sequences.num_classes, rngs=rngs),
@@ -137,7 +163,26 @@ def build_tasks(quick: bool, data_dir: pathlib.Path | None, limit: int) -> list[
             64,
             0.1,
         ),
-    ]
+        "lstm": lambda: Task(
+            "lstm",
+            "LSTM on sequence count",
+            sequences,
+            lambda rngs: models.LSTMClassifier(2, sequences.num_classes, rngs=rngs),
+            short,
+            64,
+            0.1,
+        ),
+        "deep": lambda: Task(
+            "deep",
+            f"deep tanh MLP on {images.name}",
+            images,
+            lambda rngs: models.DeepTanhMLP(shape, images.num_classes, rngs=rngs),
+            epochs,
+            64,
+            0.1,
+        ),
+    }
+    return [builders[k]() for k in keys]
 
 
 def _subsample(data: demo_data.Dataset, limit: int) -> demo_data.Dataset:
@@ -160,13 +205,6 @@ def _loss_and_accuracy(logits: jax.Array, y: jax.Array, classes: int) -> tuple[j
     return loss, jnp.mean(correct)
 
 
-def _promotion(contender: Contender) -> contextlib.AbstractContextManager[Any]:
-    """Standard dtype promotion for optax's own optimizers; the ambient setting otherwise."""
-    if contender.strict:
-        return contextlib.nullcontext()
-    return jax.numpy_dtype_promotion("standard")
-
-
 _EVAL_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
@@ -178,12 +216,66 @@ def train_contender(
     Returns per-epoch curves of shape (learning rates, seeds, epochs + 1), epoch 0 being the
     initialisation: ``train_loss``, ``test_loss`` and ``test_accuracy`` (NaN for regression).
     """
+    lrs = np.asarray(contender.learning_rates, dtype=np.float32)
+    hyper = np.repeat(lrs, len(seeds))[:, None]  # lanes run learning-rate major, seed minor
+    curves = _train_lanes(
+        task, lambda h: contender.make(h[0]), contender.strict, hyper, seeds, tick
+    )
+    shape = (len(lrs), len(seeds), task.epochs + 1)
+    return {k: v.reshape(shape) for k, v in curves.items()}
+
+
+def train_sensitivity(
+    task: Task,
+    centered: bool,
+    learning_rates: Sequence[float],
+    decays: Sequence[float],
+    seeds: Sequence[int],
+    tick: Callable[[], None],
+) -> np.ndarray:
+    """Final training loss of ``rmsprop_jax.rmsprop`` over a learning rate x decay grid.
+
+    ``optax.inject_hyperparams`` makes both the learning rate and the decay traced inputs, so
+    the whole grid (times the seeds) trains in one ``vmap``-ed loop: one compilation per
+    variant. Returns an array of shape (learning rates, decays, seeds); NaN or inf where a run
+    diverged.
+    """
+    grid = np.array([(lr, d) for lr in learning_rates for d in decays], dtype=np.float32)
+    hyper = np.repeat(grid, len(seeds), axis=0)  # lanes: lr major, then decay, then seed
+
+    def make(h: jax.Array) -> optax.GradientTransformation:
+        factory = optax.inject_hyperparams(
+            lambda learning_rate, decay: rmsprop_jax.rmsprop(
+                learning_rate, decay=decay, centered=centered
+            )
+        )
+        return factory(learning_rate=h[0], decay=h[1])
+
+    curves = _train_lanes(task, make, True, hyper, seeds, tick, record_every_epoch=False)
+    final = curves["train_loss"][:, -1]
+    return final.reshape(len(learning_rates), len(decays), len(seeds))
+
+
+def _train_lanes(
+    task: Task,
+    make: Callable[[jax.Array], optax.GradientTransformation],
+    strict: bool,
+    hyper: np.ndarray,
+    seeds: Sequence[int],
+    tick: Callable[[], None],
+    record_every_epoch: bool = True,
+) -> dict[str, np.ndarray]:
+    """Trains one lane per row of ``hyper`` (seed-minor: row i uses ``seeds[i % len(seeds)]``).
+
+    ``make`` builds the optimizer from a lane's (traced) row of hyperparameters. Returns
+    curves of shape (lanes, recorded epochs): every epoch and the initialisation, or the
+    initialisation and the last epoch only when ``record_every_epoch`` is false.
+    """
     from flax import nnx
 
     data, classes = task.data, task.data.num_classes
-    lrs = np.asarray(contender.learning_rates, dtype=np.float32)
-    lane_lr = np.repeat(lrs, len(seeds))  # lanes run learning-rate major, seed minor
-    lane_seed = np.tile(np.arange(len(seeds)), len(lrs))
+    lane_seed = np.tile(np.arange(len(seeds)), len(hyper) // len(seeds))
+    promotion = contextlib.nullcontext if strict else lambda: jax.numpy_dtype_promotion("standard")
 
     graphdef, *per_seed = zip(*(nnx.split(task.make_model(nnx.Rngs(s))) for s in seeds))
     params = jax.tree.map(lambda *xs: jnp.stack([xs[i] for i in lane_seed]), *per_seed[0])
@@ -196,14 +288,14 @@ def train_contender(
         return _loss_and_accuracy(apply(p, x), y, classes)[0]
 
     def lane_epoch(
-        p: Any, state: Any, lr: jax.Array, order: jax.Array, x: jax.Array, y: jax.Array
+        p: Any, state: Any, h: jax.Array, order: jax.Array, x: jax.Array, y: jax.Array
     ) -> tuple[Any, Any]:
-        tx = contender.make(lr)
+        tx = make(h)
 
         def step(carry: tuple[Any, Any], idx: jax.Array) -> tuple[tuple[Any, Any], None]:
             p, state = carry
             grads = jax.grad(loss_fn)(p, x[idx], y[idx])
-            with _promotion(contender):
+            with promotion():
                 updates, state = tx.update(grads, state, p)
             return (optax.apply_updates(p, updates), state), None
 
@@ -214,13 +306,15 @@ def train_contender(
         return _loss_and_accuracy(apply(p, x), y, classes)
 
     epoch_fn = jax.jit(jax.vmap(lane_epoch, in_axes=(0, 0, 0, 0, None, None)))
-    # One evaluation function per task, shared by every optimizer, so it compiles only once.
-    key = (task.name, data.x_train.shape[1:], classes, len(lane_lr))
+    # One evaluation function per task and lane count, shared by every optimizer, so it
+    # compiles only once.
+    key = (task.name, data.x_train.shape[1:], classes, len(hyper))
     if key not in _EVAL_CACHE:
         _EVAL_CACHE[key] = jax.jit(jax.vmap(lane_eval, in_axes=(0, None, None)))
     eval_fn = _EVAL_CACHE[key]
-    with _promotion(contender):
-        state = jax.vmap(lambda p, lr: contender.make(lr).init(p))(params, jnp.asarray(lane_lr))
+    lane_hyper = jnp.asarray(hyper)
+    with promotion():
+        state = jax.vmap(lambda p, h: make(h).init(p))(params, lane_hyper)
 
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
@@ -237,16 +331,14 @@ def train_contender(
         curves["test_accuracy"].append(np.asarray(test_acc, dtype=np.float64))
 
     record()
-    for _ in range(task.epochs):
+    for epoch in range(task.epochs):
         orders = [r.permutation(len(data.x_train))[: steps * task.batch] for r in rngs]
         order = np.stack([orders[i].reshape(steps, task.batch) for i in lane_seed])
-        params, state = epoch_fn(
-            params, state, jnp.asarray(lane_lr), jnp.asarray(order), x_train, y_train
-        )
-        record()
+        params, state = epoch_fn(params, state, lane_hyper, jnp.asarray(order), x_train, y_train)
+        if record_every_epoch or epoch == task.epochs - 1:
+            record()
         tick()
-    shape = (len(lrs), len(seeds), task.epochs + 1)
-    return {k: np.stack(v, axis=-1).reshape(shape) for k, v in curves.items()}
+    return {k: np.stack(v, axis=-1) for k, v in curves.items()}
 
 
 def summarise(task: Task, lrs: Sequence[float], curves: dict[str, np.ndarray]) -> dict[str, Any]:
