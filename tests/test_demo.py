@@ -22,7 +22,18 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")
 
-from rmsprop_jax.demo import CONTENDERS, TASK_KEYS, build_tasks, report
+import rmsprop_jax
+from rmsprop_jax.demo import (
+    CONTENDERS,
+    TASK_KEYS,
+    Contender,
+    Task,
+    build_tasks,
+    report,
+    train_contender,
+    train_sensitivity,
+    training,
+)
 from rmsprop_jax.demo import data as demo_data
 from rmsprop_jax.demo.__main__ import main
 
@@ -218,9 +229,16 @@ def _check_outputs(out: pathlib.Path, tasks: int, optimizers: list[str]) -> dict
             assert len(row["sweep"]) == 5
             assert row["learning_rate"] in [s["learning_rate"] for s in row["sweep"]]
             assert len(row["curves"]["train_loss"][0]) == task["epochs"] + 1
-    # Figures need matplotlib (the ``examples`` extra); without it the demo skips them.
+    # Figures need matplotlib (the ``examples`` extra); without it the demo skips them. One per
+    # task, the stability figure, and the sensitivity heatmap when the MLP task ran.
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    assert len(list(out.glob("*.png"))) == (tasks if has_matplotlib else 0)
+    extra = 1 + ("sensitivity" in results)
+    assert len(list(out.glob("*.png"))) == (tasks + extra if has_matplotlib else 0)
+    if "sensitivity" in results:
+        for variant in results["sensitivity"]["variants"].values():
+            grid = np.asarray(variant["final_train_loss"], dtype=np.float64)
+            assert grid.shape[:2] == (7, 6)
+            assert variant["best_learning_rate"] in results["sensitivity"]["learning_rates"]
     assert "| optimizer |" in (out / "table.md").read_text()
     return results
 
@@ -233,6 +251,8 @@ def test_quick_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -
     captured = capsys.readouterr()
     assert "results.json" in captured.out
     assert "\r" not in captured.err  # stderr is not a terminal here: no progress bar
+    assert set(results["sensitivity"]["variants"]) == {"rmsprop", "rmsprop centered"}
+    assert "### Sensitivity: MLP on digits" in (tmp_path / "table.md").read_text()
     digits_mlp = results["tasks"]["MLP on digits"]["optimizers"]["rmsprop"]
     assert digits_mlp["final_test_accuracy"][0] > 0.5  # 3 epochs already learn the digits
 
@@ -298,6 +318,70 @@ def test_tasks_are_built_by_name() -> None:
     assert [t.key for t in tasks] == ["lstm", "deep"]
     with pytest.raises(ValueError, match="unknown tasks \\['rnn'\\]; the tasks are linear, mlp"):
         build_tasks(quick=True, data_dir=None, limit=0, keys=["rnn"])
+
+
+def _small_linear_task(epochs: int = 2) -> Task:
+    from rmsprop_jax.demo import models
+
+    data = demo_data.make_linear_regression(0, n=256, features=4)
+    return Task(
+        "linear",
+        "small linear",
+        data,
+        lambda rngs: models.LinearRegression(4, rngs=rngs),
+        epochs,
+        32,
+        0.05,
+    )
+
+
+def test_sensitivity_grid_traces_once_and_matches_a_plain_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task = _small_linear_task()
+    lrs, decays = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1), (0.5, 0.9, 0.99, 0.999)
+    calls = []
+    real_rmsprop = rmsprop_jax.rmsprop
+
+    def counting_rmsprop(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_rmsprop(*args, **kwargs)
+
+    monkeypatch.setattr(training.rmsprop_jax, "rmsprop", counting_rmsprop)
+    grid = train_sensitivity(task, False, lrs, decays, [0, 1], lambda: None)
+    # One trace for the vmapped init and one for the jitted, vmapped epoch: 40 lanes, 2 epochs.
+    assert len(calls) == 2
+    monkeypatch.setattr(training.rmsprop_jax, "rmsprop", real_rmsprop)
+    assert grid.shape == (5, 4, 2) and np.isfinite(grid).all()
+    # The cell (lr 0.03, decay 0.99) equals a run of rmsprop built with those values.
+    contender = Contender("check", lambda lr: rmsprop_jax.rmsprop(lr, decay=0.99), (3e-2,))
+    plain = train_contender(task, contender, [0, 1], lambda: None)["train_loss"][0, :, -1]
+    np.testing.assert_allclose(grid[2, 2], plain, rtol=1e-5)
+
+
+def test_read_and_format_sensitivity() -> None:
+    lrs, decays = (1e-3, 1e-2, 1e-1), (0.5, 0.9)
+    losses = np.array([[[0.8], [0.5]], [[0.2], [0.1]], [[np.inf], [0.15]]])
+    reading = report.read_sensitivity(losses, lrs, decays)
+    assert reading["best_learning_rate"] == 1e-2 and reading["best_decay"] == 0.9
+    assert reading["good_cells"] == 3 and reading["cells"] == 6  # 0.1, 0.15 and 0.2
+    assert reading["good_learning_rates"] == {"0.5": [0.01], "0.9": [0.01, 0.1]}
+    task = _small_linear_task()
+    text = report.format_sensitivity(task, {"rmsprop": losses}, lrs, decays)
+    assert "| 0.1 | diverged | 0.15* |" in text and "**0.1**" in text
+    assert "Best: lr 0.01, decay 0.9" in text
+
+
+def test_figures_are_written(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("matplotlib")
+    task = _small_linear_task()._replace(data=demo_data.load_digits(0), name="digits")
+    lrs, decays = (1e-3, 1e-2), (0.5, 0.9, 0.99)
+    grid = np.random.default_rng(0).uniform(0.1, 1.0, (2, 3, 2))
+    grid[0, 0, 0] = np.nan
+    report.plot_sensitivity(task, {"a": grid, "b": grid}, lrs, decays, tmp_path / "s.png")
+    row = {"label": "x", "final_test_accuracy": [0.9, 0.95, float("nan")]}
+    report.plot_stability({"digits": (task, {"x": row, "y": row})}, tmp_path / "t.png")
+    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "t.png").stat().st_size > 0
 
 
 class _Terminal(io.StringIO):

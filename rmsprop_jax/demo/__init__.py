@@ -18,6 +18,8 @@ from rmsprop_jax.demo import report as report
 from rmsprop_jax.demo import training as training
 from rmsprop_jax.demo.training import CONTENDERS as CONTENDERS
 from rmsprop_jax.demo.training import QUICK_CONTENDERS as QUICK_CONTENDERS
+from rmsprop_jax.demo.training import SENSITIVITY_DECAYS as SENSITIVITY_DECAYS
+from rmsprop_jax.demo.training import SENSITIVITY_LEARNING_RATES as SENSITIVITY_LEARNING_RATES
 from rmsprop_jax.demo.training import TASK_KEYS as TASK_KEYS
 from rmsprop_jax.demo.training import Contender as Contender
 from rmsprop_jax.demo.training import Task as Task

@@ -11,8 +11,11 @@ same initialisation on the same mini-batches. Its learning rate is picked fairly
 values, half a decade apart, by the final training loss averaged over seeds; the table gives
 the mean ± std over seeds at that learning rate. All learning rates and seeds of one optimizer
 train together in a single ``vmap``-ed, ``jit``-compiled loop. Output: a table on stdout (also
-``table.md``), PNG loss and accuracy curves with min-max seed bands, and ``results.json`` in
-``--out``. A progress bar counts epochs on stderr when stderr is a terminal.
+``table.md``), PNG loss and accuracy curves with min-max seed bands, a stability figure (final
+test accuracy of every seed), and ``results.json`` in ``--out``. On the MLP task it also trains
+RMSProp (plain and centered) over a grid of learning rates x decays, all cells in one
+``vmap``-ed compile per variant, and draws the final training loss as a heatmap. A progress
+bar counts epochs on stderr when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from rmsprop_jax.demo import report
 from rmsprop_jax.demo.training import (
     CONTENDERS,
     QUICK_CONTENDERS,
+    SENSITIVITY_DECAYS,
+    SENSITIVITY_LEARNING_RATES,
     TASK_KEYS,
     build_tasks,
     summarise,
     train_contender,
+    train_sensitivity,
 )
+
+_SENSITIVITY_VARIANTS = {"rmsprop": False, "rmsprop centered": True}  # name: centered
 
 __all__ = ["main"]
 
@@ -90,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="TASK",
         help="tasks to run, by name (listed below; default: all)",
     )
+    parser.add_argument(
+        "--no-sensitivity",
+        action="store_true",
+        help="skip the learning rate x decay grid of RMSProp on the MLP task",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"`--seeds` must be at least 1, got {args.seeds}")
@@ -104,10 +117,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    bar = report.progress(sum(t.epochs for t in tasks) * len(contenders))
+    # The learning rate x decay grid runs on the MLP task, if it is among the tasks.
+    sensitivity_task = next((t for t in tasks if t.key == "mlp"), None)
+    if args.no_sensitivity:
+        sensitivity_task = None
+    epochs = sum(t.epochs for t in tasks) * len(contenders)
+    if sensitivity_task is not None:
+        epochs += sensitivity_task.epochs * len(_SENSITIVITY_VARIANTS)
+    bar = report.progress(epochs)
     results: dict[str, Any] = {}
+    grids: dict[str, Any] = {}
+    task_seconds: dict[str, float] = {}
     try:
         for task in tasks:
+            task_start = time.perf_counter()
             rows = {}
             for name, contender in contenders.items():
                 bar.set_description(f"{task.name}: {name}")
@@ -117,14 +140,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **summarise(task, contender.learning_rates, curves),
                 }
             results[task.name] = (task, rows)
+            task_seconds[task.name] = time.perf_counter() - task_start
+        if sensitivity_task is not None:
+            task_start = time.perf_counter()
+            for variant, centered in _SENSITIVITY_VARIANTS.items():
+                bar.set_description(f"sensitivity: {variant}")
+                grids[variant] = train_sensitivity(
+                    sensitivity_task,
+                    centered,
+                    SENSITIVITY_LEARNING_RATES,
+                    SENSITIVITY_DECAYS,
+                    seeds,
+                    lambda: bar.update(1),
+                )
+            task_seconds["sensitivity"] = time.perf_counter() - task_start
     finally:
         bar.close()
     seconds = time.perf_counter() - start
 
     tables = "\n\n".join(report.format_table(task, rows) for task, rows in results.values())
+    if sensitivity_task is not None:
+        tables += "\n\n" + report.format_sensitivity(
+            sensitivity_task, grids, SENSITIVITY_LEARNING_RATES, SENSITIVITY_DECAYS
+        )
     print(
         f"\nseeds {seeds}; learning rate of each optimizer picked by the mean final training "
-        f"loss over seeds (bold); mean ± std over seeds; {seconds:.0f} s\n"
+        f"loss over seeds (bold); mean ± std over seeds; {seconds:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in task_seconds.items())
+        + ")\n"
     )
     print(tables)
     (args.out / "table.md").write_text(tables + "\n")
@@ -136,11 +179,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for task, rows in results.values():
             report.plot_task(task, rows, args.out / f"task_{task.key}.png")
+        if any(task.data.num_classes for task, _ in results.values()):
+            report.plot_stability(results, args.out / "stability.png")
+        if sensitivity_task is not None:
+            report.plot_sensitivity(
+                sensitivity_task,
+                grids,
+                SENSITIVITY_LEARNING_RATES,
+                SENSITIVITY_DECAYS,
+                args.out / "sensitivity.png",
+            )
 
     payload = {
         "seeds": seeds,
         "quick": args.quick,
         "seconds": seconds,
+        "seconds_per_task": task_seconds,
         "jax_backend": jax.default_backend(),
         "tasks": {
             name: {
@@ -154,6 +208,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, (task, rows) in results.items()
         },
     }
+    if sensitivity_task is not None:
+        payload["sensitivity"] = {
+            "task": sensitivity_task.name,
+            "epochs": sensitivity_task.epochs,
+            "learning_rates": list(SENSITIVITY_LEARNING_RATES),
+            "decays": list(SENSITIVITY_DECAYS),
+            "variants": {
+                variant: {
+                    "final_train_loss": losses.tolist(),  # (learning rates, decays, seeds)
+                    **report.read_sensitivity(
+                        losses, SENSITIVITY_LEARNING_RATES, SENSITIVITY_DECAYS
+                    ),
+                }
+                for variant, losses in grids.items()
+            },
+        }
     path = args.out / "results.json"
     path.write_text(json.dumps(report.finite_or_none(payload), indent=1))
     print(f"\nwrote {args.out.resolve()} (results.json, table.md, figures)")

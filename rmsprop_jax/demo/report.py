@@ -14,7 +14,20 @@ import numpy as np
 
 from rmsprop_jax.demo.training import Task
 
-__all__ = ["finite_or_none", "format_table", "plot_task", "progress"]
+__all__ = [
+    "finite_or_none",
+    "format_sensitivity",
+    "format_table",
+    "plot_sensitivity",
+    "plot_stability",
+    "plot_task",
+    "progress",
+    "read_sensitivity",
+]
+
+# A grid cell counts as "good" when its mean final training loss is within this factor of the
+# grid's best.
+GOOD_FACTOR = 2.0
 
 
 def _mean_std(values: Sequence[float], digits: int) -> str:
@@ -83,6 +96,143 @@ def plot_task(task: Task, rows: dict[str, dict[str, Any]], path: pathlib.Path) -
     if right_key == "test_loss":
         right_ax.set_yscale("log")
     right_ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+def _grid_mean(losses: np.ndarray) -> np.ndarray:
+    """Mean over seeds (last axis); inf where any seed diverged."""
+    losses = np.asarray(losses, dtype=np.float64)
+    return np.where(np.isfinite(losses).all(axis=-1), losses.mean(axis=-1), np.inf)
+
+
+def read_sensitivity(
+    losses: np.ndarray, learning_rates: Sequence[float], decays: Sequence[float]
+) -> dict[str, Any]:
+    """The best cell of a (learning rates, decays, seeds) grid of final losses, and its margin.
+
+    Returns the best learning rate and decay (by the mean over seeds), its loss, the cells
+    within :data:`GOOD_FACTOR` of it, and for each decay the learning rates of those cells.
+    """
+    mean = _grid_mean(losses)
+    i, j = (int(k) for k in np.unravel_index(int(np.argmin(mean)), mean.shape))
+    good = mean <= GOOD_FACTOR * mean[i, j]
+    return {
+        "best_learning_rate": float(learning_rates[i]),
+        "best_decay": float(decays[j]),
+        "best_loss": float(mean[i, j]),
+        "good_cells": int(good.sum()),
+        "cells": int(good.size),
+        "good_learning_rates": {
+            f"{d:g}": [float(lr) for lr, ok in zip(learning_rates, good[:, k]) if ok]
+            for k, d in enumerate(decays)
+        },
+    }
+
+
+def format_sensitivity(
+    task: Task,
+    grids: dict[str, np.ndarray],
+    learning_rates: Sequence[float],
+    decays: Sequence[float],
+) -> str:
+    """Markdown: per variant, the mean final training loss over the learning rate x decay grid."""
+    lines = [
+        f"### Sensitivity: {task.name}, final training loss after {task.epochs} epochs",
+        "",
+        f"Mean over seeds; best cell in bold, cells within {GOOD_FACTOR:g}x of it marked *.",
+    ]
+    for variant, losses in grids.items():
+        mean = _grid_mean(losses)
+        best = mean.min()
+        lines += ["", f"**{variant}**", ""]
+        lines.append("| lr \\ decay | " + " | ".join(f"{d:g}" for d in decays) + " |")
+        lines.append("|---|" + "---:|" * len(decays))
+        for lr, row in zip(learning_rates, mean):
+            cells = []
+            for value in row:
+                text = "diverged" if not np.isfinite(value) else f"{value:.3g}"
+                if value == best:
+                    text = f"**{text}**"
+                elif value <= GOOD_FACTOR * best:
+                    text += "*"
+                cells.append(text)
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+        reading = read_sensitivity(losses, learning_rates, decays)
+        lines += [
+            "",
+            f"Best: lr {reading['best_learning_rate']:g}, decay {reading['best_decay']:g} "
+            f"(loss {reading['best_loss']:.3g}); {reading['good_cells']} of {reading['cells']} "
+            f"cells within {GOOD_FACTOR:g}x.",
+        ]
+    return "\n".join(lines)
+
+
+def plot_sensitivity(
+    task: Task,
+    grids: dict[str, np.ndarray],
+    learning_rates: Sequence[float],
+    decays: Sequence[float],
+    path: Any,
+) -> None:
+    """Heatmaps of log10 mean final training loss over learning rate x decay, one per variant."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    means = {k: _grid_mean(v) for k, v in grids.items()}
+    finite = np.concatenate([m[np.isfinite(m)] for m in means.values()])
+    low, high = (np.log10(finite.min()), np.log10(finite.max())) if finite.size else (0.0, 1.0)
+    fig = Figure(figsize=(5.5 * len(grids) + 1, 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(grids)))
+    image = None
+    for ax, (variant, mean) in zip(axes, means.items()):
+        with np.errstate(divide="ignore"):
+            shown = np.where(np.isfinite(mean), np.log10(mean), np.nan)
+        image = ax.imshow(shown, cmap="viridis_r", vmin=low, vmax=high, aspect="auto")
+        best = np.unravel_index(int(np.argmin(mean)), mean.shape)
+        for (i, j), value in np.ndenumerate(mean):
+            text = "div." if not np.isfinite(value) else f"{value:.2g}"
+            weight = "bold" if (i, j) == best else "normal"
+            good = np.isfinite(value) and value <= GOOD_FACTOR * mean[best]
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                weight=weight,
+                color="white" if good else "black",
+            )
+        ax.add_patch(
+            Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", lw=2)
+        )
+        ax.set_xticks(range(len(decays)), [f"{d:g}" for d in decays])
+        ax.set_yticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates])
+        ax.set(xlabel="decay ρ", ylabel="learning rate", title=f"{variant}")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="log10 mean final training loss")
+    fig.suptitle(f"{task.name}: final training loss after {task.epochs} epochs (red: best)")
+    fig.savefig(path, dpi=100)
+
+
+def plot_stability(results: dict[str, tuple[Task, dict[str, dict[str, Any]]]], path: Any) -> None:
+    """Final test accuracy of every seed, per optimizer, one panel per classification task."""
+    from matplotlib.figure import Figure
+
+    tasks = [(t, rows) for t, rows in results.values() if t.data.num_classes]
+    fig = Figure(figsize=(4.2 * max(len(tasks), 1), 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(tasks), 1), squeeze=False)[0])
+    for ax, (task, rows) in zip(axes, tasks):
+        labels = [row.get("label", name) for name, row in rows.items()]
+        for x, row in enumerate(rows.values()):
+            acc = np.asarray(row["final_test_accuracy"], dtype=np.float64)
+            jitter = np.linspace(-0.15, 0.15, len(acc)) if len(acc) > 1 else np.zeros(1)
+            ax.plot(x + jitter, acc, "o", color=f"C{x % 10}", alpha=0.8, markersize=5)
+            if np.isfinite(acc).any():
+                ax.hlines(np.nanmean(acc), x - 0.3, x + 0.3, color=f"C{x % 10}")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
+        ax.set(title=task.name, ylabel="final test accuracy")
+    fig.suptitle("Final test accuracy per seed at the picked learning rate (line: mean)")
     fig.savefig(path, dpi=100)
 
 
