@@ -220,8 +220,12 @@ def plot_stability(results: dict[str, tuple[Task, dict[str, dict[str, Any]]]], p
     from matplotlib.figure import Figure
 
     tasks = [(t, rows) for t, rows in results.values() if t.data.num_classes]
-    fig = Figure(figsize=(4.2 * max(len(tasks), 1), 4.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, max(len(tasks), 1), squeeze=False)[0])
+    cols = min(max(len(tasks), 1), 3)
+    rows_ = -(-max(len(tasks), 1) // cols)
+    fig = Figure(figsize=(4.4 * cols, 4.6 * rows_), layout="constrained")
+    axes = fig.subplots(rows_, cols, squeeze=False).ravel()
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
     for ax, (task, rows) in zip(axes, tasks):
         labels = [row.get("label", name) for name, row in rows.items()]
         for x, row in enumerate(rows.values()):
