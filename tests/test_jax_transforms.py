@@ -31,6 +31,10 @@ CONFIGS = {
 }
 # jit fuses differently from eager, and vmap from a single run: float32 rounding.
 RTOL, ATOL = 1e-5, 1e-6
+# The same for the centered configuration trained in a loop, where a one-ulp difference
+# is fed back through the model and the centered variance: measured 1.4e-5 between the
+# vmapped and the single run (their fusions differ).
+RTOL_CENTERED = 5e-5
 
 
 def make_problem(seed: int = 0, dtype=np.float32):
@@ -113,12 +117,10 @@ def test_vmap_sweeps_learning_rate_and_decay_in_one_compiled_call(name):
     chex.assert_tree_shape_prefix(swept, (4,))
 
     single = jax.jit(run)  # one compilation for the four separate runs
+    rtol = RTOL_CENTERED if CONFIGS[name].get("centered") else RTOL
     for i, (lr, decay) in enumerate(zip(learning_rates, decays)):
         chex.assert_trees_all_close(
-            jax.tree.map(lambda a, i=i: a[i], swept),
-            single(lr, decay),
-            rtol=RTOL,
-            atol=ATOL,
+            jax.tree.map(lambda a, i=i: a[i], swept), single(lr, decay), rtol=rtol, atol=ATOL
         )
     # The four runs really used different hyperparameters.
     finals = np.asarray(swept["w"]).reshape(4, -1)
