@@ -159,7 +159,7 @@ def scale_by_centered_rms(
             # within the bound the averages keep, so later variances stay meaningful
             # (the saturation rule in _numerics).
             saturated = _numerics.is_saturated(stored_nu)
-            new_mu = jnp.where(
+            new_mu = _numerics.select(
                 saturated, _numerics.bounded_mean(new_mu, new_nu, step.total_weight), new_mu
             )
             stored_mu, new_mu = _numerics.store_and_reload(
@@ -170,7 +170,7 @@ def scale_by_centered_rms(
             if bias_correction:
                 mu_hat = _numerics.debias(new_mu, step.total_weight)
                 nu_hat = _numerics.debias(new_nu, step.total_weight)
-            second_moment = jnp.where(uncentered, nu_hat, _numerics.variance(nu_hat, mu_hat))
+            second_moment = _numerics.select(uncentered, nu_hat, _numerics.variance(nu_hat, mu_hat))
             denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
             return (
                 _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),

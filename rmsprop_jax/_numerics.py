@@ -71,6 +71,25 @@ def widen(x: jax.Array, real_dtype: np.dtype) -> jax.Array:
     return x.astype(real_dtype)
 
 
+def select(pred: jax.typing.ArrayLike, on_true: Any, on_false: Any) -> jax.Array:
+    """``jnp.where(pred, on_true, on_false)``, written with ``jax.lax``.
+
+    ``on_true`` or ``on_false`` is an array; the other may be a Python number, and
+    ``pred`` a scalar or an array of that shape. The helpers here run once per leaf, and
+    ``jnp.where`` (like ``jnp.isinf``, ``jnp.copysign`` and ``jnp.clip``) traces as a
+    nested ``jit`` per call: on a tree of 200 small leaves those nested calls made a
+    plain step's lowering and compilation 1.8x slower.
+    """
+    like = on_true if isinstance(on_true, jax.Array) else on_false
+    shape, dtype = like.shape, like.dtype
+
+    def full(x: Any, to: Any) -> jax.Array:
+        x = jax.lax.convert_element_type(x, to)
+        return x if x.shape == shape else jax.lax.broadcast_in_dim(x, shape, ())
+
+    return jax.lax.select(full(pred, jnp.bool_), full(on_true, dtype), full(on_false, dtype))
+
+
 def abs_sq(x: jax.Array) -> jax.Array:
     """:math:`|x|^2`, real for complex ``x``."""
     if jnp.iscomplexobj(x):
@@ -87,7 +106,7 @@ def ema(old: jax.Array, new: jax.Array, rho: jax.Array) -> jax.Array:
     """
     if jnp.iscomplexobj(old):
         rho = rho.astype(old.dtype)  # a real rho times a complex mean is a promotion
-    return jnp.where(rho == 1, old, rho * old + (1 - rho) * new)
+    return select(rho == 1, old, rho * old + (1 - rho) * new)
 
 
 def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
@@ -95,7 +114,8 @@ def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
 
     Saturated at the range; the identity while :math:`w = 0` (no sample absorbed yet).
     """
-    return clip_finite(moment / jnp.where(total_weight > 0, total_weight, 1).astype(moment.dtype))
+    divisor = select(total_weight > 0, total_weight, 1).astype(moment.dtype)
+    return clip_finite(moment / divisor)
 
 
 def is_saturated(x: jax.Array) -> jax.Array:
@@ -118,7 +138,7 @@ def bounded_mean(mu: jax.Array, nu: jax.Array, total_weight: jax.Array) -> jax.A
     bound = jnp.sqrt(total_weight.astype(nu.dtype) * nu)
     magnitude = jnp.abs(mu)
     over = magnitude > bound
-    scale = jnp.where(over, bound / jnp.where(over, magnitude, 1), 1)
+    scale = select(over, bound / select(over, magnitude, 1), 1)
     return mu * scale.astype(mu.dtype)
 
 
@@ -148,7 +168,7 @@ def safe_divide(numerator: jax.Array, denom: jax.Array) -> jax.Array:
     """
     denom = denom.astype(numerator.dtype)
     positive = denom != 0
-    return jnp.where(positive, numerator / jnp.where(positive, denom, 1), 0)
+    return select(positive, numerator / select(positive, denom, 1), 0)
 
 
 def clip_finite(x: jax.Array) -> jax.Array:
@@ -160,8 +180,10 @@ def clip_finite(x: jax.Array) -> jax.Array:
     # ``jnp.clip``: XLA:CPU fused a clamp between the momentum buffer and its two consumers
     # badly, recomputing the buffer and copying the old one (4.4x the step time of optax's
     # momentum on a 4M-element vector); a select fuses into its neighbours.
-    big = jnp.asarray(jnp.finfo(x.dtype).max, x.dtype)
-    return jnp.where(jnp.isinf(x), jnp.copysign(big, x), x)
+    lax = jax.lax
+    big = lax.full_like(x, jnp.finfo(x.dtype).max)
+    infinite = lax.abs(x) == lax.full_like(x, np.inf)
+    return select(infinite, lax.mul(lax.sign(x), big), x)
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
@@ -181,9 +203,14 @@ def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
         real = jnp.finfo(dtype).dtype
         return jax.lax.complex(saturating_cast(x.real, real), saturating_cast(x.imag, real))
     if jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
-        big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
+        x = clip_magnitude(x, float(jnp.finfo(dtype).max))
     return x.astype(dtype)
+
+
+def clip_magnitude(x: jax.Array, bound: float) -> jax.Array:
+    """``x`` clipped to ``[-bound, bound]`` (``jnp.clip`` without its nested ``jit``)."""
+    big = jax.lax.full_like(x, bound)
+    return jax.lax.min(jax.lax.max(x, jax.lax.neg(big)), big)
 
 
 def counter_dtype() -> np.dtype:
