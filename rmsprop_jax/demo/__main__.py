@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "optimizers (--optimizers):\n"
         + "".join(f"  {k:<24}{c.label}\n" for k, c in CONTENDERS.items()),
     )
-    parser.add_argument("--quick", action="store_true", help="3 epochs, 1 seed, 5 optimizers (CI)")
+    parser.add_argument("--quick", action="store_true", help="3 epochs, 1 seed, 4 optimizers (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (3; quick 1)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("rmsprop_demo_out"))
