@@ -146,14 +146,14 @@ def scale_by_centered_rms(
             one_sample = one_sample | (step.previous_total_weight == 0)
 
         def leaf(
-            index: int, g: jax.Array, mu: jax.Array, nu: jax.Array
+            salts: jax.Array, g: jax.Array, mu: jax.Array, nu: jax.Array
         ) -> tuple[jax.Array, jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
             rho = step.rho.astype(dtype)
             new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
             new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
-            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, salts[0])
             # Where nu saturated, its true value, and so the variance, is unknown: this
             # step divides by nu (an upper bound of the variance), and mu is brought back
             # within the bound the averages keep, so later variances stay meaningful
@@ -162,9 +162,7 @@ def scale_by_centered_rms(
             new_mu = _numerics.select(
                 saturated, _numerics.bounded_mean(new_mu, new_nu, step.total_weight), new_mu
             )
-            stored_mu, new_mu = _numerics.store_and_reload(
-                new_mu, mu.dtype, step.count, 2 * index + 1
-            )
+            stored_mu, new_mu = _numerics.store_and_reload(new_mu, mu.dtype, step.count, salts[1])
             mu_hat, nu_hat = new_mu, new_nu
             uncentered = one_sample | saturated
             if bias_correction:

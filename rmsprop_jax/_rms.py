@@ -122,13 +122,13 @@ def scale_by_rms(
             decay, state.count, state.total_weight, naming, [("eps", eps, _validation.NON_NEGATIVE)]
         )
 
-        def leaf(index: int, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def leaf(salts: jax.Array, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
             dtype = _numerics.compute_dtype(g.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
             new_nu = _numerics.ema(
                 nu.astype(dtype), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
             )
-            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, 2 * index)
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, salts[0])
             nu_hat = _numerics.debias(new_nu, step.total_weight) if bias_correction else new_nu
             denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
             update = _numerics.safe_divide(g_wide, denom)

@@ -37,19 +37,24 @@ def _mix(h: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _salt_bits(salt: int) -> int:
-    """The mixed salt, computed once per salt while tracing."""
+def mixed_salt(salt: int) -> int:
+    """The mixed bits of a salt, computed once per salt (a constant of any trace)."""
     with jax.ensure_compile_time_eval():
         return int(_mix(jnp.asarray(salt & 0xFFFFFFFF, jnp.uint32) * _GOLDEN))
 
 
-def random_bits(shape: tuple[int, ...], count: jax.Array, salt: int) -> jax.Array:
-    """Uniform uint32 bits for each element of ``shape``, a function of ``(index, count, salt)``."""
+def random_bits(shape: tuple[int, ...], count: jax.Array, salt: int | jax.Array) -> jax.Array:
+    """Uniform uint32 bits for each element of ``shape``, a function of ``(index, count, salt)``.
+
+    ``salt`` is an ``int``, or its :func:`mixed_salt` as a uint32 scalar (which may be
+    traced, so that leaves of one shape share one traced function).
+    """
     index = jax.lax.iota(jnp.uint32, int(np.prod(shape, dtype=np.int64))).reshape(shape)
     # The count is mixed on its own, the same scalar computation for every leaf (XLA
     # computes it once), and the salt is mixed while tracing, a constant of the step:
     # mixing them together cost ten scalar operations per leaf in every step.
-    seed = _mix(count.astype(jnp.uint32) * _GOLDEN) ^ np.uint32(_salt_bits(salt))
+    salt_bits = np.uint32(mixed_salt(salt)) if isinstance(salt, int) else salt
+    seed = _mix(count.astype(jnp.uint32) * _GOLDEN) ^ salt_bits
     # Per element one multiply and one xor-shift, not the full mix: on a 2-core CPU the full
     # mix made a bfloat16-state step 1.46x the float32 step, this 1.26x. The low 16 bits
     # (the ones rounding uses) of (index ^ seed) * odd run through all 65536 values once
