@@ -77,8 +77,8 @@ def select(pred: jax.typing.ArrayLike, on_true: Any, on_false: Any) -> jax.Array
     ``on_true`` or ``on_false`` is an array; the other may be a Python number, and
     ``pred`` a scalar or an array of that shape. The helpers here run once per leaf, and
     ``jnp.where`` (like ``jnp.isinf``, ``jnp.copysign`` and ``jnp.clip``) traces as a
-    nested ``jit`` per call: on a tree of 200 small leaves those nested calls made a
-    plain step's lowering and compilation 1.8x slower.
+    nested ``jit`` per call: on a tree of 200 small leaves those nested calls made XLA's
+    compilation of a plain step take 1.0 s instead of 0.57 s.
     """
     like = on_true if isinstance(on_true, jax.Array) else on_false
     shape, dtype = like.shape, like.dtype
@@ -262,9 +262,10 @@ def map_unzip(
 
     While tracing, ``fn`` runs under a nested ``jax.jit``: it is traced once per distinct
     leaf signature (shapes and dtypes), and every leaf calls that one function. A tree
-    of many leaves of a few shapes then traces, lowers and compiles in a time that grows
-    with the number of shapes, not of leaves: on 300 small leaves of 6 shapes this cut a
-    plain step's compile time (lowering included) 3.1x, and the centered step's 3.2x.
+    of many leaves of a few shapes then traces and lowers in a time that grows with the
+    number of shapes, not of leaves: on 300 small leaves of 6 shapes, with the ``lax``
+    helpers above, a plain step's lowering went from 0.77 s to 0.30 s and a centered
+    step's from 2.2 s to 0.38 s.
     Eagerly ``fn`` is called directly (a nested ``jit`` would compile on every call).
     """
     leaves, treedef = jax.tree.flatten(tree)
