@@ -6,7 +6,7 @@ it compiling the 3000-leaf tree; ``--quick`` scales every tree down and takes un
 benchmark is not part of the installed package and not part of the test suite; CI only
 smoke-runs it. It uses rmsprop_jax through its public API only.
 
-The run has four parts:
+The run has five parts:
 
 * :mod:`benchmarks.train_step`: one jitted train step of ``rmsprop_jax.rmsprop``,
   ``optax.rmsprop`` and ``torch.optim.RMSprop`` on three trees and two configurations, timed
@@ -16,7 +16,9 @@ The run has four parts:
 * :mod:`benchmarks.formulations`: hand-written formulations of one step next to the
   library's own steps;
 * :mod:`benchmarks.runtime_checks`: the step with traced hyperparameters, with the run-time
-  range checks on and off.
+  range checks on and off;
+* :mod:`benchmarks.compile_time`: seconds to lower and compile the step against the number
+  of leaves, rmsprop_jax against optax.
 
 Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
 ``benchmark.json``, in ``--out``.
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import formulations, runtime_checks, state_precision
+from benchmarks import compile_time, formulations, runtime_checks, state_precision
 from benchmarks.train_step import (
     CONFIGS,
     CONTENDER_IDS,
@@ -119,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
     )
     checks = runtime_checks.compare(quick=args.quick)
+    compiles = compile_time.compare((30, 100) if args.quick else (100, 1000, 3000), repeats=2)
     wall_s = time.perf_counter() - start
 
     table = format_table(rows)
@@ -145,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + formulations.format_table(step_formulations)
         + "\n\n"
         + runtime_checks.format_table(checks)
+        + "\n\n"
+        + compile_time.format_table(compiles)
     )
     print(report)
     (args.out / "table.md").write_text(report + "\n")
@@ -160,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "state_precision": study,
         "formulations": step_formulations,
         "runtime_checks": checks,
+        "compile_time": compiles,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
