@@ -1,0 +1,323 @@
+r"""Move a running RMSProp optimizer between PyTorch, Keras, optax and rmsprop_jax.
+
+Each ``from_*`` function returns a transformation and its state such that continuing
+with ``tx.update`` reproduces what the other optimizer's next steps would have done, to
+float32 rounding; each ``to_*`` function writes a state back, so that the other
+optimizer continues the JAX run. The statistics are copied, not re-estimated, which is
+what keeps a resumed run from the spike that a fresh optimizer gives (its
+:math:`\nu` starts at zero, so its first steps are about :math:`\eta/\sqrt{1-\rho}`
+whatever the gradient).
+
+=============  ==============================  ============================================
+function       transformation                  state copied
+=============  ==============================  ============================================
+from_torch     :func:`presets.pytorch` (one    ``square_avg`` -> ``nu``, ``grad_avg`` ->
+               per param group)                ``mu``, ``momentum_buffer`` -> ``trace``,
+                                               ``step`` -> ``count``
+from_keras     :func:`presets.keras`           ``velocities`` -> ``nu``,
+                                               ``average_gradients`` -> ``mu``,
+                                               ``-momentums`` -> ``trace``,
+                                               ``iterations`` -> ``count``
+from_optax     :func:`rmsprop_jax.rmsprop`     ``nu``, ``mu``, ``trace``, ``count``
+=============  ==============================  ============================================
+
+No conversion here needs the learning rate: each transformation puts it where the
+framework does (after the momentum buffer for PyTorch, inside it for Keras and optax).
+The transformation's learning rate is the optimizer's current rate, a constant, so the
+continued runs agree as long as the rate stays the same on both sides. PyTorch and
+Keras are imported only inside these functions; ``import rmsprop_jax.interop`` does not
+import them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optax
+
+from rmsprop_jax import _interop_keras, _interop_optax, _interop_torch
+
+__all__ = ["from_keras", "from_optax", "from_torch", "to_keras", "to_optax", "to_torch"]
+
+Convert = Callable[[np.ndarray, Any, Any], Any]
+
+
+def from_torch(
+    optimizer: Any,
+    params: optax.Params,
+    torch_params: Any,
+    *,
+    convert: Convert | None = None,
+) -> tuple[optax.GradientTransformation, optax.OptState]:
+    r"""The transformation and state that continue a ``torch.optim.RMSprop`` run.
+
+    The transformation is :func:`rmsprop_jax.presets.pytorch` with the hyperparameters
+    of the param group (``lr``, ``alpha``, ``eps``, ``weight_decay``, ``momentum``,
+    ``centered``, ``maximize``); several groups become an ``optax.multi_transform``
+    whose labels are ``"group0"``, ``"group1"``, ... (the group's index), one per group
+    that holds a leaf. It needs ``params`` in ``update`` when a group has weight decay.
+
+    Args:
+      optimizer: a ``torch.optim.RMSprop`` that has stepped at least once.
+      params: the JAX parameters, a pytree.
+      torch_params: a pytree of the structure of ``params`` whose leaves are the
+        corresponding ``torch.nn.Parameter`` objects, every parameter of ``optimizer``
+        exactly once.
+      convert: ``convert(array, torch_param, jax_leaf)`` maps a state tensor (as a NumPy
+        array in PyTorch's layout) to the JAX leaf's layout, the way the weight itself is
+        mapped (a ``Linear`` weight transposed into a Flax kernel, for instance). Default:
+        the identity.
+
+    Returns:
+      ``(tx, opt_state)``: ``tx.update(grads, opt_state, params)`` then takes the step
+      that ``optimizer.step()`` would take on the same gradients.
+
+    Raises:
+      TypeError: ``optimizer`` is not a ``torch.optim.RMSprop``, or a leaf of
+        ``torch_params`` is not a tensor.
+      ValueError: naming the leaf: a parameter is not in ``optimizer`` (or one of
+        ``optimizer`` is not in ``torch_params``), has no state yet, has a state that
+        other settings made, or a converted statistic does not have the leaf's shape;
+        the parameters of one group do not share one step count.
+
+    References:
+      `torch.optim.RMSprop
+      <https://docs.pytorch.org/docs/2.13/generated/torch.optim.RMSprop.html>`_;
+      the state is ``optimizer.state[param]``.
+
+    Example:
+      Two steps in PyTorch, the third in JAX:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import torch
+      >>> from rmsprop_jax import interop
+      >>> weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+      >>> optimizer = torch.optim.RMSprop([weight], lr=0.1, momentum=0.9)
+      >>> for _ in range(2):
+      ...     weight.grad = 2 * weight.detach()
+      ...     optimizer.step()
+      >>> params = {"w": jnp.asarray(weight.detach().numpy())}
+      >>> tx, state = interop.from_torch(optimizer, params, {"w": weight})
+      >>> updates, state = tx.update({"w": 2 * params["w"]}, state, params)
+      >>> weight.grad = 2 * weight.detach()
+      >>> optimizer.step()
+      >>> ours = optax.apply_updates(params, updates)["w"]
+      >>> bool(jnp.allclose(ours, weight.detach().numpy(), rtol=1e-6))
+      True
+    """
+    return _interop_torch.from_torch(optimizer, params, torch_params, convert)
+
+
+def to_torch(
+    opt_state: optax.OptState,
+    optimizer: Any,
+    params: optax.Params,
+    torch_params: Any,
+    *,
+    convert: Convert | None = None,
+) -> None:
+    """Writes a JAX state into a ``torch.optim.RMSprop``, so that it continues the JAX run.
+
+    The inverse of :func:`from_torch`: ``opt_state`` must have the layout of the
+    transformation that :func:`from_torch` returns for ``optimizer``
+    (:func:`rmsprop_jax.presets.pytorch` with its hyperparameters, or the
+    ``optax.multi_transform`` labelled ``"group{index}"``). The hyperparameters
+    themselves are not stored in the state: the optimizer's are used.
+
+    Args:
+      opt_state: the state of the JAX run.
+      optimizer: the ``torch.optim.RMSprop`` to continue with; its state for the
+        parameters is replaced.
+      params: the JAX parameters.
+      torch_params: as in :func:`from_torch`.
+      convert: ``convert(array, torch_param, jax_leaf)`` maps a statistic (NumPy, in the
+        JAX leaf's layout) to the torch parameter's layout. Default: the identity.
+
+    Raises:
+      TypeError: as in :func:`from_torch`.
+      ValueError: ``opt_state`` does not have the layout the optimizer's settings give
+        (another ``centered``, ``momentum``, or other groups), or a statistic's shape is
+        not its parameter's, naming the leaf. Nothing is written then.
+
+    References:
+      `torch.optim.RMSprop
+      <https://docs.pytorch.org/docs/2.13/generated/torch.optim.RMSprop.html>`_.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import torch
+      >>> from rmsprop_jax import interop, presets
+      >>> tx = presets.pytorch(lr=0.1, centered=True)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> _, state = tx.update({"w": jnp.array([0.5, 0.5])}, tx.init(params))
+      >>> weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+      >>> optimizer = torch.optim.RMSprop([weight], lr=0.1, centered=True)
+      >>> interop.to_torch(state, optimizer, params, {"w": weight})
+      >>> optimizer.state[weight]["square_avg"]
+      tensor([0.0025, 0.0025])
+    """
+    _interop_torch.to_torch(opt_state, optimizer, params, torch_params, convert)
+
+
+def from_keras(
+    optimizer: Any,
+    params: optax.Params,
+    keras_variables: Any,
+    *,
+    convert: Convert | None = None,
+) -> tuple[optax.GradientTransformation, optax.OptState]:
+    """The transformation and state that continue a ``keras.optimizers.RMSprop`` run.
+
+    The transformation is :func:`rmsprop_jax.presets.keras` with the optimizer's
+    ``rho``, ``momentum``, ``epsilon``, ``centered`` and current ``learning_rate``.
+    Keras 3 on any backend.
+
+    Args:
+      optimizer: a built ``keras.optimizers.RMSprop`` (one that has applied gradients or
+        was built for the variables). Options that presets.keras does not reproduce
+        (``weight_decay``, clipping, EMA, gradient accumulation, loss scaling) and a
+        learning-rate schedule raise a ``ValueError``.
+      params: the JAX parameters.
+      keras_variables: a pytree of the structure of ``params`` whose leaves are the
+        corresponding ``keras.Variable`` objects (``model.trainable_variables``
+        arranged like ``params``), every variable of ``optimizer`` exactly once.
+      convert: ``convert(array, variable, jax_leaf)`` maps a slot (NumPy, in Keras's
+        layout) to the JAX leaf's layout. Default: the identity (Keras's ``Dense`` and
+        ``Conv2D`` kernels already have Flax's layout).
+
+    Returns:
+      ``(tx, opt_state)``, continuing the optimizer's run.
+
+    Raises:
+      TypeError: ``optimizer`` is not a ``keras.optimizers.RMSprop``, or a leaf of
+        ``keras_variables`` is not a ``keras.Variable``.
+      ValueError: the optimizer is not built or has options the preset lacks; a variable
+        is not one of the optimizer's (or one of the optimizer's is missing); a slot's
+        shape is not its leaf's, naming the leaf.
+
+    References:
+      `keras.optimizers.RMSprop <https://keras.io/api/optimizers/rmsprop/>`_.
+    """
+    return _interop_keras.from_keras(optimizer, params, keras_variables, convert)
+
+
+def to_keras(
+    opt_state: optax.OptState,
+    optimizer: Any,
+    params: optax.Params,
+    keras_variables: Any,
+    *,
+    convert: Convert | None = None,
+) -> None:
+    """Writes a JAX state into a ``keras.optimizers.RMSprop``, so that it continues the run.
+
+    The inverse of :func:`from_keras`. ``opt_state`` must have the layout of
+    :func:`rmsprop_jax.presets.keras` with the optimizer's settings; an optimizer that
+    is not built yet is built for the variables of ``keras_variables``.
+
+    Args:
+      opt_state: the state of the JAX run.
+      optimizer: the ``keras.optimizers.RMSprop`` to continue with.
+      params: the JAX parameters.
+      keras_variables: as in :func:`from_keras`.
+      convert: ``convert(array, variable, jax_leaf)`` maps a statistic (NumPy, in the
+        JAX leaf's layout) to the variable's layout. Default: the identity.
+
+    Raises:
+      TypeError: as in :func:`from_keras`.
+      ValueError: as in :func:`from_keras`, or ``opt_state`` does not have the layout
+        the optimizer's settings give. Nothing is written then.
+
+    References:
+      `keras.optimizers.RMSprop <https://keras.io/api/optimizers/rmsprop/>`_.
+    """
+    _interop_keras.to_keras(opt_state, optimizer, params, keras_variables, convert)
+
+
+def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwargs: Any) -> Any:
+    """The state of :func:`rmsprop_jax.rmsprop` that continues an ``optax.rmsprop`` run.
+
+    ``rmsprop_jax.rmsprop(**rmsprop_kwargs)`` with this state continues what
+    ``optax.rmsprop(**rmsprop_kwargs)`` would have done with ``optax_state``, for every
+    argument the two share (``learning_rate``, ``decay``, ``eps``, ``initial_scale``,
+    ``eps_in_sqrt``, ``centered``, ``momentum``, ``nesterov``, ``bias_correction``).
+
+    optax keeps a step count only with ``bias_correction`` or a learning-rate schedule,
+    the two cases whose updates need one. Without either, the count restarts at 0 and
+    ``total_weight`` is set to 1, the value of a long run, which only the saturation
+    rule of the centered variance reads (see :ref:`numerics`).
+
+    Args:
+      optax_state: the state of ``optax.rmsprop(**rmsprop_kwargs)``.
+      params: the parameters.
+      **rmsprop_kwargs: the arguments of both optimizers.
+
+    Returns:
+      The state of ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``.
+
+    Raises:
+      TypeError: an argument that optax.rmsprop does not have, or no ``learning_rate``.
+      ValueError: ``optax_state`` does not have the layout of
+        ``optax.rmsprop(**rmsprop_kwargs)`` for ``params`` (naming the mismatched leaf
+        when only a shape differs); or ``centered=True, bias_correction=True`` with a
+        count of 0, where optax's first step differs (see
+        :func:`rmsprop_jax.scale_by_centered_rms`).
+
+    References:
+      `optax.rmsprop
+      <https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.rmsprop>`_.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import rmsprop_jax
+      >>> from rmsprop_jax import interop
+      >>> kwargs = dict(learning_rate=0.1, momentum=0.9, bias_correction=True)
+      >>> params, grads = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5])
+      >>> theirs = optax.rmsprop(**kwargs)
+      >>> _, optax_state = theirs.update(grads, theirs.init(params))
+      >>> state = interop.from_optax(optax_state, params, **kwargs)
+      >>> print(int(state[0].count), state[0].nu.round(4))
+      1 [0.025 0.025]
+    """
+    return _interop_optax.from_optax(optax_state, params, rmsprop_kwargs)
+
+
+def to_optax(opt_state: optax.OptState, params: optax.Params, **rmsprop_kwargs: Any) -> Any:
+    """The state of ``optax.rmsprop`` that continues a :func:`rmsprop_jax.rmsprop` run.
+
+    The inverse of :func:`from_optax`, for the same arguments.
+
+    Args:
+      opt_state: the state of ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``.
+      params: the parameters.
+      **rmsprop_kwargs: the arguments of both optimizers.
+
+    Returns:
+      The state of ``optax.rmsprop(**rmsprop_kwargs)``.
+
+    Raises:
+      TypeError: as in :func:`from_optax`.
+      ValueError: ``opt_state`` does not have the layout of
+        ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``, a statistic's shape is not its
+        parameter's, or the centered, bias-corrected state has a count of 0.
+
+    References:
+      `optax.rmsprop
+      <https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.rmsprop>`_.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import rmsprop_jax
+      >>> from rmsprop_jax import interop
+      >>> tx = rmsprop_jax.rmsprop(learning_rate=0.1, centered=True)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> _, state = tx.update(jnp.array([0.5, 0.5]), tx.init(params))
+      >>> scaling, _, _ = interop.to_optax(state, params, learning_rate=0.1, centered=True)
+      >>> print(type(scaling).__name__, scaling.mu.round(4))
+      ScaleByRStdDevState [0.05 0.05]
+    """
+    return _interop_optax.to_optax(opt_state, params, rmsprop_kwargs)
