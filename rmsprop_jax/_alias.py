@@ -10,6 +10,7 @@ import optax
 
 from rmsprop_jax import _momentum, _numerics, _state, _validation
 from rmsprop_jax._centered import scale_by_centered_rms
+from rmsprop_jax._quantized import StateDType
 from rmsprop_jax._rms import scale_by_rms
 
 
@@ -78,8 +79,8 @@ def scaling_transform(
     eps_in_sqrt: bool,
     initial_scale: jax.typing.ArrayLike = 0.0,
     bias_correction: bool = False,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: StateDType | None = None,
+    mu_dtype: StateDType | None = None,
 ) -> optax.GradientTransformation:
     """The head of every RMSProp chain: the centered or the plain scaling transform.
 
@@ -106,7 +107,7 @@ def learning_rate_and_momentum(
     *,
     nesterov: bool,
     learning_rate_in_momentum: bool,
-    momentum_dtype: jax.typing.DTypeLike | None,
+    momentum_dtype: StateDType | None,
 ) -> list[optax.GradientTransformation]:
     """The tail of every RMSProp chain: ``-learning_rate`` and the momentum buffer.
 
@@ -148,9 +149,9 @@ def rmsprop(
     initial_scale: jax.typing.ArrayLike = 0.0,
     bias_correction: bool = False,
     learning_rate_in_momentum: bool = True,
-    nu_dtype: jax.typing.DTypeLike | None = None,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    momentum_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: StateDType | None = None,
+    mu_dtype: StateDType | None = None,
+    momentum_dtype: StateDType | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp with every common variant behind flags.
 

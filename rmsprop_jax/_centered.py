@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _numerics, _state, _validation
+from rmsprop_jax._quantized import StateDType
 
 
 class ScaleByCenteredRmsState(NamedTuple):
@@ -32,8 +33,8 @@ def scale_by_centered_rms(
     eps_in_sqrt: bool = True,
     initial_scale: jax.typing.ArrayLike = 0.0,
     bias_correction: bool = False,
-    mu_dtype: jax.typing.DTypeLike | None = None,
-    nu_dtype: jax.typing.DTypeLike | None = None,
+    mu_dtype: StateDType | None = None,
+    nu_dtype: StateDType | None = None,
 ) -> optax.GradientTransformation:
     r"""Divides each gradient by the root of a moving estimate of its variance.
 
@@ -85,8 +86,10 @@ def scale_by_centered_rms(
       eps_in_sqrt: add ``eps`` inside the root (True) or to the root (False).
       initial_scale: :math:`\nu_0 \ge 0`.
       bias_correction: divide both moments by :math:`1 - P_t`.
-      mu_dtype: dtype of :math:`\mu`; ``None`` applies the dtype policy.
-      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy.
+      mu_dtype: dtype of :math:`\mu`, or a :func:`rmsprop_jax.quantized` format;
+        ``None`` applies the dtype policy.
+      nu_dtype: dtype of :math:`\nu`, or a :func:`rmsprop_jax.quantized` format;
+        ``None`` applies the dtype policy.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is
@@ -146,23 +149,24 @@ def scale_by_centered_rms(
             one_sample = one_sample | (step.previous_total_weight == 0)
 
         def leaf(
-            salts: jax.Array, g: jax.Array, mu: jax.Array, nu: jax.Array
-        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            salts: jax.Array, g: jax.Array, mu: _numerics.Stored, nu: _numerics.Stored
+        ) -> tuple[jax.Array, _numerics.Stored, _numerics.Stored]:
             dtype = _numerics.compute_dtype(g.dtype, mu.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
             rho = step.rho.astype(dtype)
-            new_mu = _numerics.ema(_numerics.widen(mu, dtype), g_wide, rho)
-            new_nu = _numerics.ema(nu.astype(dtype), _numerics.abs_sq(g_wide), rho)
-            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, salts[0])
+            mu_how, nu_how = _numerics.storage(mu, mu_dtype), _numerics.storage(nu, nu_dtype)
+            new_mu = _numerics.ema(_numerics.load(mu, dtype, mu_how), g_wide, rho)
+            new_nu = _numerics.ema(_numerics.load(nu, dtype, nu_how), _numerics.abs_sq(g_wide), rho)
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu_how, step.count, salts[0])
             # Where nu saturated, its true value, and so the variance, is unknown: this
             # step divides by nu (an upper bound of the variance), and mu is brought back
             # within the bound the averages keep, so later variances stay meaningful
             # (the saturation rule in _numerics).
-            saturated = _numerics.is_saturated(stored_nu)
+            saturated = _numerics.is_saturated(stored_nu, new_nu)
             new_mu = _numerics.select(
                 saturated, _numerics.bounded_mean(new_mu, new_nu, step.total_weight), new_mu
             )
-            stored_mu, new_mu = _numerics.store_and_reload(new_mu, mu.dtype, step.count, salts[1])
+            stored_mu, new_mu = _numerics.store_and_reload(new_mu, mu_how, step.count, salts[1])
             mu_hat, nu_hat = new_mu, new_nu
             uncentered = one_sample | saturated
             if bias_correction:

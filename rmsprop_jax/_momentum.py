@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _numerics, _state, _validation
+from rmsprop_jax._quantized import StateDType
 
 
 def trace(
     decay: jax.typing.ArrayLike,
     *,
     nesterov: bool = False,
-    trace_dtype: jax.typing.DTypeLike | None = None,
+    trace_dtype: StateDType | None = None,
 ) -> optax.GradientTransformation:
     r"""Heavy-ball or Nesterov momentum, with statistics per the dtype policy.
 
@@ -41,14 +42,17 @@ def trace(
         _validation.check_updates_match(updates, state.trace, "trace")
         _validation.check_at_run_time([("momentum", decay, _validation.MOMENTUM)], naming)
 
-        def leaf(salts: jax.Array, v: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-            del salts
+        def leaf(
+            salts: jax.Array, v: jax.Array, m: _numerics.Stored
+        ) -> tuple[jax.Array, _numerics.Stored]:
             dtype = _numerics.compute_dtype(v.dtype, m.dtype)
             v_wide = _numerics.widen(v, dtype)
             beta = jnp.asarray(decay, dtype).astype(v_wide.dtype)
-            new_m = v_wide + beta * _numerics.widen(m, dtype)
-            stored_m = _numerics.saturating_cast(new_m, m.dtype)
-            new_m = _numerics.widen(stored_m, dtype)  # the update uses m as stored (dtype policy)
+            how = _numerics.storage(m, trace_dtype)
+            new_m = v_wide + beta * _numerics.load(m, dtype, how)
+            # No count in the state: bfloat16 rounds to nearest, quantized codes draw their
+            # random bits from the values (_numerics.store). The update uses m as stored.
+            stored_m, new_m = _numerics.store_and_reload(new_m, how, None, salts[0])
             update = v_wide + beta * new_m if nesterov else new_m
             return _numerics.saturating_cast(update, v.dtype), stored_m
 

@@ -19,9 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _rounding
+from rmsprop_jax import _quantized, _rounding
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+# A state leaf as kept in the state: an array, or a quantized array (codes and scales).
+Stored = jax.Array | _quantized.QuantizedArray
+# How a leaf is stored: a dtype, or a quantized format with its map's kind.
+Storage = np.dtype | _quantized.LeafStorage
 
 
 def state_dtype(param_dtype: Any, requested: np.dtype | None, *, real: bool) -> np.dtype:
@@ -119,9 +124,16 @@ def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
     return clip_finite(moment / divisor)
 
 
-def is_saturated(x: jax.Array) -> jax.Array:
-    """Whether a non-negative statistic sits at the largest finite value of its own dtype."""
-    return x >= jnp.finfo(x.dtype).max
+def is_saturated(stored: Stored, reloaded: jax.Array) -> jax.Array:
+    """Whether a non-negative statistic sits at the largest finite value of its storage.
+
+    ``stored`` is the statistic as stored and ``reloaded`` the same values widened
+    (:func:`store_and_reload`): an array is saturated at its own dtype's maximum, a
+    quantized one where it decodes to ``float32``'s.
+    """
+    if isinstance(stored, _quantized.QuantizedArray):
+        return reloaded >= jnp.finfo(jnp.float32).max
+    return stored >= jnp.finfo(stored.dtype).max
 
 
 def bounded_mean(mu: jax.Array, nu: jax.Array, total_weight: jax.Array) -> jax.Array:
@@ -283,28 +295,67 @@ def map_unzip(
     return tuple(treedef.unflatten(list(column)) for column in columns)
 
 
+def storage(leaf: Stored, requested: Any) -> Storage:
+    """How a state leaf is stored: its dtype, or its quantized format and map.
+
+    ``requested`` is the transform's resolved ``*_dtype`` argument; for a quantized leaf it
+    is the :class:`rmsprop_jax.QuantizedFormat` that made it, and the leaf's code dtype
+    says which map (``int8``: signed).
+    """
+    if isinstance(leaf, _quantized.QuantizedArray):
+        if not isinstance(requested, _quantized.QuantizedFormat):
+            raise TypeError(
+                f"a quantized state leaf needs a quantized `*_dtype` format, got {requested!r}"
+            )
+        signed = jnp.issubdtype(leaf.codes.dtype, jnp.signedinteger)
+        return _quantized.LeafStorage(requested, signed)
+    return jnp.dtype(leaf.dtype)
+
+
+def load(stored: Stored, dtype: Any, how: Storage) -> jax.Array:
+    """A stored statistic as a ``dtype`` array (:func:`widen`, or decoding a quantized one).
+
+    ``how`` is the leaf's :func:`storage`.
+    """
+    if isinstance(stored, _quantized.QuantizedArray):
+        assert isinstance(how, _quantized.LeafStorage)
+        return _quantized.dequantize(stored, how.format.code_map).astype(dtype)
+    return widen(stored, dtype)
+
+
 def store_and_reload(
-    x: jax.Array, dtype: Any, count: jax.Array, salt: int | jax.Array
-) -> tuple[jax.Array, jax.Array]:
+    x: jax.Array, how: Storage, count: jax.Array | None, salt: int | jax.Array
+) -> tuple[Stored, jax.Array]:
     """:func:`store` ``x``; returns the stored value and that value back in ``x``'s dtype.
 
     Transforms compute the update from the second (see the dtype policy).
     """
-    stored = store(x, dtype, count, salt)
-    return stored, widen(stored, jnp.finfo(x.dtype).dtype)
+    stored = store(x, how, count, salt)
+    return stored, load(stored, jnp.finfo(x.dtype).dtype, how)
 
 
-def store(x: jax.Array, dtype: Any, count: jax.Array, salt: int | jax.Array) -> jax.Array:
-    """Casts a statistic to its storage dtype.
+def store(x: jax.Array, how: Storage, count: jax.Array | None, salt: int | jax.Array) -> Stored:
+    """Casts a statistic to its storage (a dtype, or a quantized format).
 
     ``bfloat16`` storage is stochastically rounded (see :mod:`rmsprop_jax._rounding`)
     with random bits drawn from ``(element index, count, salt)`` (``salt`` as in
     :func:`_rounding.random_bits`), so that small
     increments of a moving average survive on average; every other storage dtype
-    is a :func:`saturating_cast` (round to nearest).
+    is a :func:`saturating_cast` (round to nearest). A statistic whose state has no
+    update count (``count=None``: the momentum trace) is rounded to nearest in
+    ``bfloat16``. Quantized storage (:mod:`rmsprop_jax._quantized`) saturates at the
+    ``float32`` range and rounds its codes as its format says; without a count its random
+    bits come from the values' own bits.
     """
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.dtype(jnp.bfloat16) and not jnp.iscomplexobj(x) and x.dtype != dtype:
+    if isinstance(how, _quantized.LeafStorage):
+        return _quantized.store(clip_finite(x), how, count, salt)
+    dtype = jnp.dtype(how)
+    if (
+        count is not None
+        and dtype == jnp.dtype(jnp.bfloat16)
+        and not jnp.iscomplexobj(x)
+        and x.dtype != dtype
+    ):
         bits = _rounding.random_bits(x.shape, count, salt)
         return _rounding.stochastic_round_bfloat16(x, bits)
     return saturating_cast(x, dtype)

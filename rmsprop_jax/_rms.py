@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _numerics, _state, _validation
+from rmsprop_jax._quantized import StateDType
 
 
 class ScaleByRmsState(NamedTuple):
@@ -30,7 +31,7 @@ def scale_by_rms(
     eps_in_sqrt: bool = True,
     initial_scale: jax.typing.ArrayLike = 0.0,
     bias_correction: bool = False,
-    nu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: StateDType | None = None,
 ) -> optax.GradientTransformation:
     r"""Divides each gradient by the root of a moving average of its square.
 
@@ -71,7 +72,8 @@ def scale_by_rms(
       eps_in_sqrt: add ``eps`` inside the root (True) or to the root (False).
       initial_scale: :math:`\nu_0 \ge 0`.
       bias_correction: divide :math:`\nu_t` by :math:`1 - \prod_{i \le t} \rho_i`.
-      nu_dtype: dtype of :math:`\nu`; ``None`` applies the dtype policy.
+      nu_dtype: dtype of :math:`\nu`, or a :func:`rmsprop_jax.quantized` format;
+        ``None`` applies the dtype policy.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`ScaleByRmsState`.
@@ -122,13 +124,16 @@ def scale_by_rms(
             decay, state.count, state.total_weight, naming, [("eps", eps, _validation.NON_NEGATIVE)]
         )
 
-        def leaf(salts: jax.Array, g: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def leaf(
+            salts: jax.Array, g: jax.Array, nu: _numerics.Stored
+        ) -> tuple[jax.Array, _numerics.Stored]:
             dtype = _numerics.compute_dtype(g.dtype, nu.dtype)
             g_wide = _numerics.widen(g, dtype)
+            how = _numerics.storage(nu, nu_dtype)
             new_nu = _numerics.ema(
-                nu.astype(dtype), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
+                _numerics.load(nu, dtype, how), _numerics.abs_sq(g_wide), step.rho.astype(dtype)
             )
-            stored_nu, new_nu = _numerics.store_and_reload(new_nu, nu.dtype, step.count, salts[0])
+            stored_nu, new_nu = _numerics.store_and_reload(new_nu, how, step.count, salts[0])
             nu_hat = _numerics.debias(new_nu, step.total_weight) if bias_correction else new_nu
             denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
             update = _numerics.safe_divide(g_wide, denom)

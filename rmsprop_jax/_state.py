@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _numerics, _validation
+from rmsprop_jax import _numerics, _quantized, _validation
 
 
 class Counters(TypedDict):
@@ -55,25 +55,39 @@ def advance(
 
 def statistic(
     params: optax.Params,
-    requested_dtype: np.dtype | None,
+    requested: np.dtype | _quantized.QuantizedFormat | None,
     *,
     real: bool,
     fill: jax.typing.ArrayLike = 0.0,
 ) -> optax.Updates:
-    """A tree like ``params``, every leaf ``fill``, in the dtype the dtype policy gives.
+    """A tree like ``params``, every leaf ``fill``, stored as the dtype policy says.
 
     Args:
       params: the parameters.
-      requested_dtype: a resolved ``*_dtype`` argument, or ``None`` for the default.
-      real: whether the statistic is real even for a complex parameter (``nu``).
+      requested: a resolved ``*_dtype`` argument (a dtype or a quantized format), or
+        ``None`` for the default.
+      real: whether the statistic is real even for a complex parameter (``nu``, which
+        is also non-negative: a quantized ``nu`` uses the unsigned map).
       fill: the initial value.
 
     Returns:
-      The initial statistic (see :func:`_numerics.state_dtype`).
+      The initial statistic (see :func:`_numerics.state_dtype`); a leaf that the quantized
+      format applies to is a :class:`rmsprop_jax.QuantizedArray`, the others keep the
+      dtype the policy gives by default.
     """
+    quantized = requested if isinstance(requested, _quantized.QuantizedFormat) else None
+    dtype_requested = requested if not isinstance(requested, _quantized.QuantizedFormat) else None
 
-    def leaf(param: jax.Array) -> jax.Array:
-        dtype = _numerics.state_dtype(jnp.result_type(param), requested_dtype, real=real)
+    def leaf(param: jax.Array) -> _numerics.Stored:
+        param_dtype = jnp.result_type(param)
+        dtype = _numerics.state_dtype(param_dtype, dtype_requested, real=real)
+        complex_values = jnp.issubdtype(dtype, jnp.complexfloating)
+        if quantized is not None and quantized.applies_to(
+            jnp.shape(param), complex_values=complex_values
+        ):
+            values = jnp.full_like(param, fill, dtype=jnp.float32)
+            how = _quantized.LeafStorage(quantized, signed=not real)
+            return _numerics.store(values, how, None, 0)
         return jnp.full_like(param, fill, dtype=dtype)
 
     return jax.tree.map(leaf, params)

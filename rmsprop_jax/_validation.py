@@ -27,6 +27,8 @@ import optax
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from rmsprop_jax import _quantized
+
 
 @dataclasses.dataclass(frozen=True)
 class Naming:
@@ -327,20 +329,28 @@ def check_bool(name: str, value: Any, naming: Naming | None = None) -> None:
         raise ValueError(naming.message(name, f"must be True or False, got {value!r}."))
 
 
-def resolve_dtype(name: str, value: Any) -> np.dtype | None:
-    """Turns a dtype argument (``None``, a dtype or its name) into a float dtype.
+def resolve_dtype(name: str, value: Any) -> np.dtype | _quantized.QuantizedFormat | None:
+    """Resolves a ``*_dtype`` argument: ``None``, a dtype or its name, or a quantized format.
+
+    Returns:
+      ``None``, a floating ``np.dtype``, or the :class:`rmsprop_jax.QuantizedFormat` given.
 
     Raises:
       ValueError: the value names no dtype, or a dtype that is not floating.
     """
-    if value is None:
-        return None
+    if value is None or isinstance(value, _quantized.QuantizedFormat):
+        return value
     try:
         dtype = jnp.dtype(value)
     except TypeError as error:
-        raise ValueError(f"`{name}` must be a floating dtype, got {value!r}.") from error
+        raise ValueError(
+            f"`{name}` must be a floating dtype or `rmsprop_jax.quantized(...)`, got {value!r}."
+        ) from error
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"`{name}` must be a floating dtype, got {value!r} ({dtype}).")
+        raise ValueError(
+            f"`{name}` must be a floating dtype or `rmsprop_jax.quantized(...)`, "
+            f"got {value!r} ({dtype})."
+        )
     return dtype
 
 
@@ -368,18 +378,21 @@ def check_updates_match(updates: Any, moment: Any, field: str) -> None:
     Raises:
       ValueError: showing both structures, or the first leaf whose shape differs.
     """
+    # A quantized leaf (codes and scales) stands for one array of the parameter's shape.
+    quantized = _quantized.is_quantized
     updates_def = jax.tree.structure(updates)
-    moment_def = jax.tree.structure(moment)
+    moment_def = jax.tree.structure(moment, is_leaf=quantized)
     if updates_def != moment_def:
         raise ValueError(
             f"The updates do not have the structure of the state's `{field}`.\n"
             f"  updates:       {updates_def}\n  state.{field}: {moment_def}"
         )
     paths = jax.tree_util.tree_flatten_with_path(updates)[0]
-    for (path, update), state_leaf in zip(paths, jax.tree.leaves(moment)):
-        if jnp.shape(update) != jnp.shape(state_leaf):
+    for (path, update), state_leaf in zip(paths, jax.tree.leaves(moment, is_leaf=quantized)):
+        state_shape = state_leaf.shape if quantized(state_leaf) else jnp.shape(state_leaf)
+        if jnp.shape(update) != state_shape:
             raise ValueError(
                 f"The update at {jax.tree_util.keystr(path)} has shape "
                 f"{jnp.shape(update)} but the state's `{field}` there has shape "
-                f"{jnp.shape(state_leaf)}; nothing is broadcast."
+                f"{state_shape}; nothing is broadcast."
             )

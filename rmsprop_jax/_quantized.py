@@ -1,0 +1,440 @@
+r"""8-bit block-wise quantized optimizer state: the storage format, the leaf and its maps.
+
+A statistic stored with :func:`quantized` keeps, per leaf, one 8-bit code per element
+(``codes``, shaped like the parameter) and one ``float32`` scale per block of
+``block_size`` consecutive elements along the last axis (``scales``, shaped like the
+parameter with the last axis replaced by the number of blocks). An element's value is
+its block's scale times the value of its code in a fixed *map* of codes to :math:`[0, 1]`
+(unsigned, for :math:`\nu`) or :math:`[-1, 1]` (signed, for :math:`\mu` and the momentum
+trace). The scale is the block's largest magnitude, so the element that sets it is
+stored exactly.
+
+The maps (``code_map``):
+
+* ``"float"`` (the default): the codes are the 255 (unsigned) or 127 (signed) largest
+  ``float32`` values in :math:`(0, 1]` that have :data:`MANTISSA_BITS` significant
+  bits after the leading one, and zero. The relative gap between neighbouring
+  values is at most :math:`2^{-3}`, over :math:`254/8 \approx 32` binades of
+  :math:`\nu` (a ratio of :math:`4 \times 10^9` inside one block) and
+  :math:`126/8 \approx 16` binades of :math:`\mu` (:math:`6 \times 10^4`, the same
+  range in gradient units). Coding is a bit shift of the ``float32`` bit pattern.
+* ``"linear"``: :math:`k/255` (unsigned) or :math:`k/127` (signed); a uniform
+  absolute gap, so small elements of a block are stored coarsely.
+
+**No zero for a positive** :math:`\nu`. The unsigned code 0 is used only for an exact
+zero: a positive value below the smallest positive code is stored as that code
+(rounded up), and a decoded positive code is at least the smallest normal
+``float32``. A positive :math:`\nu` never comes back as 0, which would make the update
+:math:`g/\sqrt{\epsilon}` (the zero-point problem, Li et al. 2023). Signed values
+below the smallest code round between 0 and it like any other pair of neighbours.
+
+**Rounding.** With ``stochastic_rounding`` a value between two neighbouring codes
+:math:`a < x < b` is stored as :math:`b` with probability :math:`(x - a)/(b - a)`,
+so that the stored value is unbiased, :math:`E[\hat x] = x`: the small increments of a
+moving average with a decay near 1 survive on average. The random bits come from
+:func:`rmsprop_jax._rounding.random_bits` (the element's index, the update count and
+a per-leaf salt), as for ``bfloat16`` state. Without it, values round to the nearest
+code.
+
+References:
+  Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+  Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+  Li, Chen & Zhu, `Memory Efficient Optimizers with 4-bit States
+  <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmsprop_jax import _rounding
+
+SUPPORTED_BITS = (8,)
+CODE_MAPS = ("float", "linear")
+MANTISSA_BITS = 3  # significant bits after the leading one in the "float" map
+_F32 = jnp.dtype(jnp.float32)
+_ONE_BITS = 0x3F800000  # the bit pattern of float32 1.0
+# The smallest positive value a positive code decodes to: the smallest normal float32
+# (XLA:CPU flushes subnormals to zero in arithmetic).
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedFormat:
+    """How :func:`quantized` stores a statistic; made by :func:`quantized`, which checks it.
+
+    Attributes:
+      bits: bits per code (8).
+      block_size: elements per block along the last axis (a power of two).
+      min_size: leaves with fewer elements keep the dtype policy's dtype.
+      stochastic_rounding: round codes stochastically (unbiased) or to nearest.
+      code_map: ``"float"`` or ``"linear"`` (see :func:`quantized`).
+    """
+
+    bits: int = 8
+    block_size: int = 256
+    min_size: int = 4096
+    stochastic_rounding: bool = True
+    code_map: str = "float"
+
+    def applies_to(self, shape: tuple[int, ...], *, complex_values: bool) -> bool:
+        """Whether a statistic of this shape is quantized (else it keeps the policy dtype).
+
+        Only real statistics with at least one axis and ``min_size`` elements are.
+        """
+        return not complex_values and len(shape) >= 1 and math.prod(shape) >= max(self.min_size, 1)
+
+
+def quantized(
+    bits: int = 8,
+    *,
+    block_size: int = 256,
+    min_size: int = 4096,
+    stochastic_rounding: bool = True,
+    code_map: str = "float",
+) -> QuantizedFormat:
+    r"""A block-wise quantized storage format, accepted wherever a state dtype is.
+
+    Pass it as ``nu_dtype``, ``mu_dtype`` or ``momentum_dtype`` of
+    :func:`rmsprop_jax.rmsprop`, :func:`rmsprop_jax.scale_by_rms` or
+    :func:`rmsprop_jax.scale_by_centered_rms`. Each leaf of the statistic with at least
+    ``min_size`` elements (and at least one axis, real) is stored as a
+    :class:`QuantizedArray`: one ``bits``-bit code per element and one ``float32`` scale
+    per block of ``block_size`` elements along the last axis. Smaller leaves, and the
+    statistics of complex parameters that are complex, keep the dtype that the
+    :ref:`dtype-policy` gives by default. An element :math:`x` of block :math:`b` is stored as
+
+    .. math::
+
+        s_b = \max_{i \in b} |x_i|, \qquad c = \mathrm{round}(x / s_b), \qquad
+        \hat x = s_b\, \mathrm{map}(c),
+
+    where :math:`\mathrm{round}` picks one of the two neighbouring values of the map,
+    stochastically (unbiased, :math:`E[\hat x] = x`) or the nearest. :math:`\nu` uses an
+    unsigned map whose zero code is kept for exact zeros (a positive :math:`\nu` is never
+    stored as 0); :math:`\mu` and the momentum trace use a signed map. The arithmetic of a
+    step runs in ``float32`` (or wider), and the update uses the statistics as stored. The
+    state is about a quarter of ``float32`` state: 1 byte per element plus 4 per
+    ``block_size`` elements. What this gives and costs is on :ref:`quantized-state`.
+
+    Args:
+      bits: bits per code; 8 is supported.
+      block_size: elements per block along the last axis, a positive power of two. The
+        last block of a row whose length is not a multiple holds the remainder (no
+        padding is stored).
+      min_size: leaves with fewer elements keep the dtype policy's dtype; ``>= 0``.
+      stochastic_rounding: round codes stochastically (True) or to nearest (False).
+      code_map: the values of the codes: ``"float"`` (8-bit floats, relative gaps of at
+        most :math:`2^{-3}` over a ratio of :math:`4 \times 10^9` in :math:`\nu`), or
+        ``"linear"`` (equally spaced).
+
+    Returns:
+      A :class:`QuantizedFormat`, immutable and hashable.
+
+    Raises:
+      ValueError: an argument out of range, naming it and its value.
+
+    References:
+      Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+      Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022 (block-wise
+      quantization of optimizer state).
+
+      Li, Chen & Zhu, `Memory Efficient Optimizers with 4-bit States
+      <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023 (the zero point of the second
+      moment).
+
+    Example:
+      A 64 x 128 parameter keeps 8-bit codes and 64 x 1 block scales for :math:`\nu`:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import rmsprop_jax
+      >>> tx = rmsprop_jax.rmsprop(1e-3, nu_dtype=rmsprop_jax.quantized(block_size=128))
+      >>> state = tx.init({"w": jnp.ones((64, 128)), "b": jnp.zeros(128)})
+      >>> nu = optax.tree.get(state, "nu")
+      >>> nu["w"].codes.dtype, nu["w"].codes.shape, nu["w"].scales.shape
+      (dtype('uint8'), (64, 128), (64, 1))
+      >>> nu["b"].dtype  # under min_size: the dtype policy's float32
+      dtype('float32')
+      >>> updates, state = tx.update({"w": jnp.ones((64, 128)), "b": jnp.ones(128)}, state)
+      >>> nu_w = rmsprop_jax.dequantize(optax.tree.get(state, "nu")["w"])
+      >>> print(nu_w.shape, f"{float(nu_w[0, 0]):.4f}")
+      (64, 128) 0.1000
+    """
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}, got {bits!r}.")
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or block_size < 1
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"`block_size` must be a positive power of two, got {block_size!r}.")
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"`min_size` must be a non-negative integer, got {min_size!r}.")
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(
+            f"`stochastic_rounding` must be True or False, got {stochastic_rounding!r}."
+        )
+    if code_map not in CODE_MAPS:
+        raise ValueError(f"`code_map` must be one of {CODE_MAPS}, got {code_map!r}.")
+    return QuantizedFormat(bits, block_size, min_size, stochastic_rounding, code_map)
+
+
+# What a ``*_dtype`` argument accepts: a dtype (or its name) or a quantized format.
+StateDType = jax.typing.DTypeLike | QuantizedFormat
+
+
+class QuantizedArray(NamedTuple):
+    r"""One quantized statistic: codes and per-block scales (see :func:`quantized`).
+
+    A NamedTuple, so ``jax.tree`` functions, orbax and ``flax.serialization`` see its two
+    arrays as ordinary leaves. :func:`dequantize` gives the values back. Which map the codes
+    use follows from their dtype: ``uint8`` the unsigned map (:math:`\nu`), ``int8`` the
+    signed one. A sharding for it is a ``QuantizedArray`` of two shardings, both the
+    parameter's (both arrays have the parameter's number of axes, and the blocks lie along
+    the last axis).
+    """
+
+    codes: jax.Array
+    """The parameter's shape; ``uint8`` (unsigned map) or ``int8`` (signed map)."""
+    scales: jax.Array
+    """``float32``; the codes' shape with the last axis ``ceil(n / block_size)``."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the values: the codes' shape."""
+        return tuple(self.codes.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the values it decodes to: ``float32``."""
+        return _F32
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a :class:`QuantizedArray` (for ``is_leaf`` in tree functions)."""
+    return isinstance(x, QuantizedArray)
+
+
+def _block_size_of(length: int, blocks: int) -> int:
+    """The power-of-two block size that splits ``length`` into ``blocks`` blocks.
+
+    The smallest power of two at least ``ceil(length / blocks)``: for two or more blocks it
+    is the only one giving that many; for one block any size from ``length`` up does.
+    """
+    per_block = max(1, -(-length // max(blocks, 1)))
+    return 1 << (per_block - 1).bit_length()
+
+
+def _blocked(x: jax.Array, block_size: int) -> jax.Array:
+    """``x`` with its last axis split into ``(blocks, block_size)``, zero-padded."""
+    length = x.shape[-1]
+    blocks = -(-length // block_size)
+    if blocks * block_size != length:
+        pad = [(0, 0, 0)] * (x.ndim - 1) + [(0, blocks * block_size - length, 0)]
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
+    return x.reshape(*x.shape[:-1], blocks, block_size)
+
+
+def _per_element(scales: jax.Array, length: int) -> jax.Array:
+    """Each block's scale repeated over its elements: the codes' shape."""
+    blocks = scales.shape[-1]
+    block_size = _block_size_of(length, blocks)
+    full = jax.lax.broadcast_in_dim(
+        scales, (*scales.shape, block_size), tuple(range(scales.ndim))
+    ).reshape(*scales.shape[:-1], blocks * block_size)
+    if blocks * block_size != length:
+        full = jax.lax.slice_in_dim(full, 0, length, axis=-1)
+    return full
+
+
+def _top(signed: bool) -> int:
+    """The largest code magnitude: 127 (signed) or 255 (unsigned)."""
+    return 127 if signed else 255
+
+
+def _float_offset(signed: bool) -> int:
+    """``code + offset`` is the float map's value as a float32 bit pattern, shifted."""
+    return (_ONE_BITS >> (23 - MANTISSA_BITS)) - _top(signed)
+
+
+def _map_values(magnitude: jax.Array, code_map: str, signed: bool) -> jax.Array:
+    """The map's value in [0, 1] of code magnitudes (int32, 0 .. top)."""
+    if code_map == "linear":
+        return magnitude.astype(_F32) * np.float32(1 / _top(signed))
+    raw = (magnitude + np.int32(_float_offset(signed))).astype(jnp.uint32)
+    value = jax.lax.bitcast_convert_type(raw << np.uint32(23 - MANTISSA_BITS), _F32)
+    return jax.lax.select(magnitude == 0, jnp.zeros_like(value), value)
+
+
+def smallest_value(code_map: str, signed: bool) -> float:
+    """The map's smallest positive value (code magnitude 1)."""
+    with jax.ensure_compile_time_eval():
+        return float(_map_values(jnp.asarray(1, jnp.int32), code_map, signed))
+
+
+def dequantize(leaf: QuantizedArray, code_map: str = "float") -> jax.Array:
+    r"""The ``float32`` values of a quantized statistic, shaped like its parameter.
+
+    For inspection: ``rmsprop_jax.dequantize(optax.tree.get(state, "nu")["w"])``. Each
+    element is its block's scale times its code's value in the map (see
+    :func:`quantized`); a positive code of :math:`\nu` gives at least the smallest normal
+    ``float32``. A leaf does not record its map: pass the ``code_map`` of the
+    :func:`quantized` format that made it.
+
+    Args:
+      leaf: a :class:`QuantizedArray` from an optimizer state.
+      code_map: the format's ``code_map``, ``"float"`` (the default) or ``"linear"``.
+
+    Returns:
+      A ``float32`` array of the codes' shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import rmsprop_jax
+      >>> tx = rmsprop_jax.scale_by_rms(0.5, nu_dtype=rmsprop_jax.quantized(min_size=0))
+      >>> _, state = tx.update(jnp.full(4, 2.0), tx.init(jnp.zeros(4)))
+      >>> print(rmsprop_jax.dequantize(state.nu))
+      [2. 2. 2. 2.]
+    """
+    if code_map not in CODE_MAPS:
+        raise ValueError(f"`code_map` must be one of {CODE_MAPS}, got {code_map!r}.")
+    codes, scales = leaf.codes, leaf.scales
+    signed = jnp.issubdtype(codes.dtype, jnp.signedinteger)
+    wide = codes.astype(jnp.int32)
+    magnitude = jnp.abs(wide) if signed else wide
+    values = _map_values(magnitude, code_map, signed) * _per_element(
+        scales.astype(_F32), codes.shape[-1]
+    )
+    if signed:
+        return jax.lax.select(wide < 0, -values, values)
+    # A positive code never decodes to 0, even where scale * value underflows.
+    return jax.lax.select(wide > 0, jax.lax.max(values, jax.lax.full_like(values, _TINY)), values)
+
+
+def quantize(
+    x: jax.Array,
+    fmt: QuantizedFormat,
+    *,
+    signed: bool,
+    bits: jax.Array | None,
+) -> QuantizedArray:
+    r"""Stores ``x`` (finite, real; non-negative unless ``signed``) in the format ``fmt``.
+
+    Args:
+      x: the values; cast to float32 first (saturating at float32's range).
+      fmt: the format.
+      signed: the signed map (int8 codes) or the unsigned one (uint8 codes).
+      bits: uint32 random bits of ``x``'s shape for stochastic rounding, or ``None`` to
+        round to nearest.
+
+    Returns:
+      The :class:`QuantizedArray`.
+    """
+    length = x.shape[-1]
+    big = float(jnp.finfo(_F32).max)
+    x = jax.lax.clamp(np.float32(-big), x.astype(_F32), np.float32(big))
+    magnitude = jax.lax.abs(x)
+    scales = jax.lax.reduce_max(_blocked(magnitude, fmt.block_size), (x.ndim,))
+    scale = _per_element(scales, length)
+    positive = scale > 0
+    y = jax.lax.select(
+        positive,
+        magnitude / jax.lax.select(positive, scale, jnp.ones_like(scale)),
+        jnp.zeros_like(scale),
+    )
+    y = jax.lax.min(y, jnp.ones_like(y))
+    top = _top(signed)
+    smallest = np.float32(smallest_value(fmt.code_map, signed))
+    # Uniform in [0, 1) from the top 24 random bits, for the rounding below the smallest
+    # code and for the linear map; the float map adds the top bits below its last place.
+    if fmt.code_map == "linear":
+        q = y * np.float32(top)
+        low = jnp.floor(q)
+        if bits is None:
+            up = q - low >= 0.5
+        else:
+            up = _uniform(bits) < q - low
+        code = low.astype(jnp.int32) + up.astype(jnp.int32)
+    else:
+        shift = 23 - MANTISSA_BITS
+        raw = jax.lax.bitcast_convert_type(y, jnp.uint32)
+        if bits is None:
+            noise = jnp.full_like(raw, 1 << (shift - 1))
+        else:
+            noise = bits >> np.uint32(32 - shift)
+        code = ((raw + noise) >> np.uint32(shift)).astype(jnp.int32) - np.int32(
+            _float_offset(signed)
+        )
+        # Below the smallest positive code: round between 0 and it (signed), or up to it
+        # (unsigned: a positive nu is never stored as 0).
+        if signed:
+            if bits is None:
+                up = y >= smallest * np.float32(0.5)
+            else:
+                up = _uniform(bits) * smallest < y
+            small = up.astype(jnp.int32)
+        else:
+            small = jnp.ones_like(code)
+        code = jax.lax.select(y < smallest, small, code)
+    if not signed:
+        positive_x = magnitude > 0
+        code = jax.lax.select(
+            positive_x, jax.lax.max(code, jnp.ones_like(code)), jnp.zeros_like(code)
+        )
+    code = jax.lax.clamp(np.int32(0), code, np.int32(top))
+    if signed:
+        code = jax.lax.select(x < 0, -code, code)
+        return QuantizedArray(code.astype(jnp.int8), scales)
+    return QuantizedArray(code.astype(jnp.uint8), scales)
+
+
+def _uniform(bits: jax.Array) -> jax.Array:
+    """Uniform float32 in [0, 1) from the top 24 of 32 random bits."""
+    return (bits >> np.uint32(8)).astype(_F32) * np.float32(2.0**-24)
+
+
+def value_bits(x: jax.Array, salt: int | jax.Array) -> jax.Array:
+    """Random bits from the element's index, the salt and the bits of its value ``x``.
+
+    For a statistic whose state has no update count (the momentum trace): the value
+    changes from step to step, so its hash does too.
+    """
+    index_bits = _rounding.random_bits(x.shape, jnp.zeros((), jnp.int32), salt)
+    raw = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.uint32)
+    h = (raw ^ index_bits) * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+class LeafStorage(NamedTuple):
+    """How one quantized leaf is stored: the format and the map's kind."""
+
+    format: QuantizedFormat
+    signed: bool
+
+
+def store(
+    x: jax.Array, storage: LeafStorage, count: jax.Array | None, salt: int | jax.Array
+) -> QuantizedArray:
+    """Quantizes ``x`` per ``storage``, drawing rounding bits from ``(index, count, salt)``.
+
+    With ``count=None`` the bits come from :func:`value_bits`.
+    """
+    fmt = storage.format
+    bits = None
+    if fmt.stochastic_rounding:
+        if count is None:
+            bits = value_bits(x, salt)
+        else:
+            bits = _rounding.random_bits(x.shape, count, salt)
+    return quantize(x, fmt, signed=storage.signed, bits=bits)

@@ -1,0 +1,279 @@
+"""8-bit block-wise quantized state (``rmsprop_jax.quantized``).
+
+The storage format on its own: the round trip against a float64 NumPy reference written
+from the docstring's maps (``float``: the 255 or 127 largest values in (0, 1] with three
+bits after the leading one, and zero; ``linear``: k/255 or k/127), unbiased stochastic
+rounding, no zero for a positive nu, the block layout, validation, and the leaf as a
+pytree. Then the transforms with quantized state: the update bound, small increments,
+the non-stationary recovery, and training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import log_uniform
+
+import rmsprop_jax
+from rmsprop_jax import _numerics, _quantized
+
+# --- the float64 reference of the maps -------------------------------------------------------
+
+
+def reference_map(code_map: str, signed: bool) -> np.ndarray:
+    """The values of code magnitudes 0 .. top, ascending, in float64 (from the docstring)."""
+    top = 127 if signed else 255
+    if code_map == "linear":
+        return np.arange(top + 1) / top
+    # (1 + k/8) 2^e for e <= -1, and 1.0: the largest `top` of them, and zero.
+    values = [(1 + k / 8) * 2.0**e for e in range(-70, 0) for k in range(8)] + [1.0]
+    values = np.sort(np.asarray(values))[-top:]
+    return np.concatenate([[0.0], values])
+
+
+def reference_neighbours(x: np.ndarray, scale: np.ndarray, table: np.ndarray):
+    """For |x| / scale, the table's values just below and above it (times the scale)."""
+    y = np.where(scale > 0, np.abs(x) / np.where(scale > 0, scale, 1), 0.0)
+    hi_index = np.clip(np.searchsorted(table, y, side="left"), 0, len(table) - 1)
+    lo_index = np.where(table[hi_index] == y, hi_index, np.maximum(hi_index - 1, 0))
+    return table[lo_index] * scale, table[hi_index] * scale
+
+
+def block_max(x: np.ndarray, block_size: int) -> np.ndarray:
+    """Each element's block scale (the largest magnitude of its block), float64."""
+    length = x.shape[-1]
+    blocks = -(-length // block_size)
+    padded = np.zeros((*x.shape[:-1], blocks * block_size))
+    padded[..., :length] = np.abs(x)
+    scales = padded.reshape(*x.shape[:-1], blocks, block_size).max(-1)
+    return np.repeat(scales, block_size, axis=-1)[..., :length]
+
+
+def random_values(signed: bool, shape=(3, 700), seed=0) -> np.ndarray:
+    """float32 values with magnitudes log-uniform over 1e-6 .. 1e4, some exact zeros."""
+    rng = np.random.default_rng(seed)
+    x = log_uniform(rng, 1e-6, 1e4, shape)
+    x[rng.random(shape) < 0.05] = 0.0
+    return (x if signed else np.abs(x)).astype(np.float32)
+
+
+def bits_for(shape, count: int, salt: int = 7) -> jax.Array:
+    return jax.random.bits(jax.random.key(count * 1000 + salt), shape, jnp.uint32)
+
+
+@pytest.mark.parametrize("code_map", ["float", "linear"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_round_trip_lands_on_a_neighbouring_code(code_map, signed, stochastic):
+    # Each decoded value is one of the two map values (times its block's scale) around
+    # |x| / scale: the nearer one when rounding to nearest. Per block this bounds the
+    # error by one gap (half a gap to nearest): for the float map a relative 2^-3
+    # (2^-4), for the linear map scale / 255 (or / 127), and for the unsigned map a
+    # positive x below the smallest code goes up to it.
+    block_size = 256
+    fmt = rmsprop_jax.quantized(block_size=block_size, code_map=code_map)
+    x = random_values(signed)
+    bits = bits_for(x.shape, 3) if stochastic else None
+    leaf = _quantized.quantize(jnp.asarray(x), fmt, signed=signed, bits=bits)
+    assert leaf.codes.dtype == (jnp.int8 if signed else jnp.uint8)
+    assert leaf.codes.shape == x.shape and leaf.scales.shape == (3, 3)  # 700 = 256 + 256 + 188
+    decoded = np.asarray(rmsprop_jax.dequantize(leaf, code_map), np.float64)
+    x64 = x.astype(np.float64)
+    scale = block_max(x64, block_size)
+    np.testing.assert_array_equal(np.asarray(leaf.scales), scale[:, ::block_size])
+    table = reference_map(code_map, signed)
+    lo, hi = reference_neighbours(x64, scale, table)
+    if not signed:
+        lo = np.where(x64 > 0, np.maximum(lo, table[1] * scale), lo)  # never zero
+        hi = np.maximum(hi, lo)
+    magnitude = np.abs(decoded)
+    tol = 1e-6 * scale
+    on_lo = np.abs(magnitude - lo) <= tol
+    on_hi = np.abs(magnitude - hi) <= tol
+    assert np.all(on_lo | on_hi), np.argwhere(~(on_lo | on_hi))[:5]
+    assert np.all((np.sign(decoded) == np.sign(x64)) | (decoded == 0))
+    if not stochastic:
+        nearer_hi = np.abs(hi - np.abs(x64)) < np.abs(np.abs(x64) - lo) - 2 * tol
+        nearer_lo = np.abs(np.abs(x64) - lo) < np.abs(hi - np.abs(x64)) - 2 * tol
+        if not signed:
+            nearer_lo &= lo > 0
+        assert not np.any(nearer_hi & on_lo & ~on_hi)
+        assert not np.any(nearer_lo & on_hi & ~on_lo)
+    # The bounds stated in the docstring, per element.
+    error = np.abs(decoded - x64)
+    if code_map == "float":
+        covered = np.abs(x64) >= table[1] * scale
+        bound = (2.0**-3 if stochastic else 2.0**-4) * np.abs(x64)
+        assert np.all(error[covered] <= bound[covered] * (1 + 1e-6))
+    else:
+        gap = scale / (127 if signed else 255)
+        covered = np.abs(x64) >= (gap if not signed else 0)
+        bound = gap if stochastic else gap / 2
+        assert np.all(error[covered] <= bound[covered] * (1 + 1e-6) + 1e-30)
+
+
+@pytest.mark.parametrize("code_map", ["float", "linear"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_stochastic_rounding_is_unbiased(code_map, signed):
+    # Values spread between codes (and, signed, below the smallest code): the mean of the
+    # decoded values over 64 rounding draws of 4096 elements is the value, within 5
+    # standard errors of the Bernoulli rounding (gap^2 / 4 per draw at most).
+    rng = np.random.default_rng(1)
+    base = rng.uniform(1e-6, 1.0, 64)
+    base[0] = 1.0  # the block's scale: exact
+    if signed:
+        base[1:8] = rng.uniform(1e-7, 1.5e-5, 7)  # below the signed map's smallest code
+    x = np.tile(base, (64, 1)).astype(np.float32)  # 64 rows: one block each
+    fmt = rmsprop_jax.quantized(block_size=64, code_map=code_map)
+
+    @jax.jit
+    def mean_over_draws(x):
+        def one(count):
+            bits = _rounding_bits(x.shape, count)
+            return rmsprop_jax.dequantize(
+                _quantized.quantize(x, fmt, signed=signed, bits=bits), code_map
+            )
+
+        return jnp.mean(jax.vmap(one)(jnp.arange(64)), axis=(0, 1))
+
+    mean = np.asarray(mean_over_draws(jnp.asarray(x)), np.float64)
+    x64 = x[0].astype(np.float64)
+    table = reference_map(code_map, signed)
+    lo, hi = reference_neighbours(x64, np.ones_like(x64), table)
+    n = 64 * 64
+    se = (hi - lo) / 2 / math.sqrt(n)
+    covered = x64 >= (table[1] if not signed else 0)  # unsigned below the range: rounds up
+    assert np.all(np.abs(mean - x64)[covered] <= 5 * se[covered] + 1e-9)
+
+
+def _rounding_bits(shape, count):
+    from rmsprop_jax import _rounding
+
+    return _rounding.random_bits(shape, count, 5)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_positive_nu_never_decodes_to_zero_in_a_mixed_block(stochastic):
+    # A block mixing 1e-8 and 1e4 (a ratio of 1e12, beyond the map's 4e9) and the extremes
+    # of float32: every positive value decodes to a positive value, exact zeros to 0.
+    x = np.full((2, 256), 1e-8, np.float32)
+    x[:, ::2] = 1e4
+    x[1, 3] = 0.0
+    x[1, 5] = 1.2e-38  # about the smallest normal, in a block whose scale is 1e4
+    fmt = rmsprop_jax.quantized(block_size=256, stochastic_rounding=stochastic)
+    how = _quantized.LeafStorage(fmt, signed=False)
+    leaf = _numerics.store(jnp.asarray(x), how, jnp.asarray(2, jnp.int32), 3)
+    decoded = np.asarray(rmsprop_jax.dequantize(leaf))
+    assert np.all(decoded[x > 0] > 0)
+    assert decoded[1, 3] == 0.0
+    # A block whose scale times the smallest code underflows (XLA:CPU flushes subnormals).
+    tiny = jnp.asarray([[2e-38] * 4 + [1e-20] * 4])
+    leaf = _numerics.store(tiny, how, jnp.asarray(1, jnp.int32), 3)
+    assert np.all(np.asarray(rmsprop_jax.dequantize(leaf)) > 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(bits=4), "`bits` must be one of (8,), got 4"),
+        (dict(bits=True), "`bits`"),
+        (dict(block_size=100), "`block_size` must be a positive power of two, got 100"),
+        (dict(block_size=0), "`block_size`.*got 0"),
+        (dict(block_size=256.0), "`block_size`.*256.0"),
+        (dict(min_size=-1), "`min_size` must be a non-negative integer, got -1"),
+        (dict(stochastic_rounding=1), "`stochastic_rounding` must be True or False, got 1"),
+        (dict(code_map="log"), "`code_map` must be one of .*'log'"),
+    ],
+)
+def test_invalid_arguments_name_themselves(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rmsprop_jax.quantized(**kwargs)
+
+
+def test_format_is_immutable_and_hashable():
+    a, b = rmsprop_jax.quantized(), rmsprop_jax.quantized(block_size=256)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != rmsprop_jax.quantized(stochastic_rounding=False)
+    with pytest.raises(AttributeError):
+        a.block_size = 128  # type: ignore[misc]
+
+
+def test_block_size_of_a_leaf_follows_from_its_shapes():
+    # dequantize needs no format: the power-of-two block size is recovered from the codes'
+    # last axis and the number of blocks.
+    for length in (1, 5, 64, 255, 256, 257, 700, 1024):
+        for block_size in (1, 2, 8, 64, 256, 512):
+            blocks = -(-length // block_size)
+            derived = _quantized._block_size_of(length, blocks)
+            assert -(-length // derived) == blocks
+            if blocks > 1:
+                assert derived == block_size
+
+
+def test_leaves_below_min_size_and_complex_ones_keep_the_policy_dtype():
+    fmt = rmsprop_jax.quantized(min_size=64)
+    tx = rmsprop_jax.rmsprop(
+        0.1, centered=True, momentum=0.9, nu_dtype=fmt, mu_dtype=fmt, momentum_dtype=fmt
+    )
+    params = {
+        "big": jnp.zeros((8, 8)),
+        "small": jnp.zeros(63),
+        "half": jnp.zeros((8, 8), jnp.bfloat16),
+        "complex": jnp.zeros((8, 8), jnp.complex64),
+        "scalar": jnp.zeros(()),
+    }
+    state = tx.init(params)
+    nu, mu = optax.tree.get(state, "nu"), optax.tree.get(state, "mu")
+    trace = optax.tree.get(state, "trace")
+    for stat in (nu, mu, trace):
+        assert isinstance(stat["big"], rmsprop_jax.QuantizedArray)
+        assert isinstance(stat["half"], rmsprop_jax.QuantizedArray)
+        assert stat["small"].dtype == jnp.float32 and stat["scalar"].dtype == jnp.float32
+    assert isinstance(nu["complex"], rmsprop_jax.QuantizedArray)  # nu is real
+    assert mu["complex"].dtype == jnp.complex64 and trace["complex"].dtype == jnp.complex64
+    assert nu["big"].codes.dtype == jnp.uint8 and mu["big"].codes.dtype == jnp.int8
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    updates, new_state = jax.jit(tx.update)(grads, state)
+    chex.assert_trees_all_equal_dtypes(updates, grads)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    chex.assert_tree_all_finite(updates)
+
+
+def test_quantized_leaf_is_a_pytree_and_serializes():
+    serialization = pytest.importorskip("flax.serialization")
+    fmt = rmsprop_jax.quantized(min_size=0, block_size=4)
+    tx = rmsprop_jax.rmsprop(0.1, centered=True, nu_dtype=fmt, mu_dtype=fmt)
+    params = {"w": jnp.zeros((3, 6))}
+    state = tx.init(params)
+    _, state = tx.update({"w": jnp.arange(18.0).reshape(3, 6)}, state)
+    nu = optax.tree.get(state, "nu")["w"]
+    assert isinstance(nu, rmsprop_jax.QuantizedArray)
+    assert nu.scales.shape == (3, 2) and nu.shape == (3, 6)
+    # jax.tree sees two arrays per quantized leaf.
+    leaves = jax.tree.leaves(state)
+    assert sum(leaf.dtype == jnp.uint8 for leaf in leaves) == 1
+    restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    chex.assert_trees_all_equal(restored, state)
+    as_dict = serialization.to_state_dict(state)
+    assert set(as_dict["0"]["nu"]["w"]) == {"codes", "scales"}
+    # jit, vmap and device_get take the state as a tree.
+    chex.assert_trees_all_equal(jax.jit(lambda s: s)(state), state)
+
+
+def test_block_maxima_and_zeros_are_stored_exactly():
+    # Decay 0.9 from 0: nu = 0.1 g^2. A block's largest value is its scale (code 1.0) and
+    # zeros are code 0, so blocks of equal values and zeros come back exactly as float32.
+    fmt = rmsprop_jax.quantized(min_size=0, block_size=8)
+    g = jnp.asarray([[1.0] * 8, [2.0] * 4 + [0.0] * 4])
+    exact = rmsprop_jax.scale_by_rms(0.9, 0.0)
+    tx = rmsprop_jax.scale_by_rms(0.9, 0.0, nu_dtype=fmt)
+    _, state = tx.update(g, tx.init(jnp.zeros((2, 8))))
+    _, expected = exact.update(g, exact.init(jnp.zeros((2, 8))))
+    np.testing.assert_array_equal(np.asarray(rmsprop_jax.dequantize(state.nu)), expected.nu)
