@@ -248,7 +248,7 @@ def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwar
     optax keeps a step count only with ``bias_correction`` or a learning-rate schedule,
     the two cases whose updates need one. Without either, the count restarts at 0 and
     ``total_weight`` is set to 1, the value of a long run, which only the saturation
-    rule of the centered variance reads (see :ref:`numerics`).
+    rule of the centered variance reads (see :doc:`numerics`).
 
     Args:
       optax_state: the state of ``optax.rmsprop(**rmsprop_kwargs)``.
