@@ -31,6 +31,7 @@ import optax
 import rmsprop_jax
 
 STEPS_BEFORE, STEPS_AFTER = 4, 4
+QUANTIZED = rmsprop_jax.quantized(min_size=0, block_size=2)
 
 VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "plain": lambda: rmsprop_jax.rmsprop(0.01),
@@ -47,6 +48,15 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
         nu_dtype=jnp.bfloat16,
         mu_dtype=jnp.bfloat16,
         momentum_dtype=jnp.bfloat16,
+    ),
+    # 8-bit state on every leaf (min_size=0), stochastically rounded from the count.
+    "quantized_state": lambda: rmsprop_jax.rmsprop(
+        0.01,
+        centered=True,
+        momentum=0.9,
+        nu_dtype=QUANTIZED,
+        mu_dtype=QUANTIZED,
+        momentum_dtype=QUANTIZED,
     ),
     "injected_hyperparams": lambda: optax.inject_hyperparams(rmsprop_jax.rmsprop)(
         learning_rate=0.01, decay=0.95, momentum=0.5, bias_correction=True

@@ -40,7 +40,12 @@ CONFIGS = {
     "centered_momentum_bias": dict(
         learning_rate=0.1, centered=True, momentum=0.9, bias_correction=True, eps=1e-4
     ),
+    # 8-bit state: "q" and "qt" (512 elements) are quantized in blocks of 32 along their
+    # last axis, which their sharding splits into whole blocks; the other leaves are smaller
+    # than min_size and keep float32.
+    "quantized": dict(learning_rate=0.1, centered=True, momentum=0.9, eps=1e-4, quantized=True),
 }
+QUANTIZED = dict(min_size=512, block_size=32)
 # name: (shape, partition spec as a tuple of mesh axes or None)
 PARAMS = {
     "w": ((8, 16), ("x", "y")),
@@ -48,6 +53,8 @@ PARAMS = {
     "b": ((16,), ("y",)),
     "r": ((6,), ()),
     "s": ((), ()),
+    "q": ((4, 128), ("x", "y")),  # 32 elements of the last axis per device: one block
+    "qt": ((8, 64), ("y", "x")),  # 32 per device on the last axis too
 }
 COLLECTIVES = re.compile(
     r"\b(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\("
@@ -103,6 +110,10 @@ def main(report_path: str) -> None:
             MESH_SHAPE, AXES, axis_types=tuple(getattr(AxisType, t) for t in axis_types)
         )
         for config_name, config in CONFIGS.items():
+            config = dict(config)
+            if config.pop("quantized", False):
+                fmt = rmsprop_jax.quantized(**QUANTIZED)
+                config.update(nu_dtype=fmt, mu_dtype=fmt, momentum_dtype=fmt)
             tx = rmsprop_jax.rmsprop(**config)
 
             replicated = NamedSharding(mesh, P())
@@ -115,13 +126,18 @@ def main(report_path: str) -> None:
                 shardings = {k: NamedSharding(mesh, P(*spec)) for k, (_, spec) in PARAMS.items()}
                 params = jax.device_put(values, shardings)
                 grads_sharded = [jax.device_put(g, shardings) for g in grads]
+                # A quantized leaf's codes and scales both take its parameter's sharding.
                 expected = optax.tree_map_params(
                     tx,
-                    lambda _, sharding: sharding,
+                    lambda leaf, sharding: (
+                        rmsprop_jax.QuantizedArray(sharding, sharding)
+                        if isinstance(leaf, rmsprop_jax.QuantizedArray)
+                        else sharding
+                    ),
                     jax.eval_shape(tx.init, values),
                     shardings,
                     transform_non_params=lambda _, r=replicated: r,
-                    is_leaf=lambda s: isinstance(s, NamedSharding),
+                    is_leaf=lambda s: isinstance(s, (NamedSharding, rmsprop_jax.QuantizedArray)),
                 )
                 record = {
                     "params": compare(params, shardings),

@@ -1,8 +1,8 @@
 """Checkpointing the optimizer state: orbax across processes, flax.serialization in memory.
 
 For every state variant (plain, centered, momentum, bias correction, Nesterov,
-bfloat16 statistics, and ``optax.inject_hyperparams`` state) the test trains a
-few steps, saves ``(params, opt_state)`` with orbax, and keeps training; a fresh
+bfloat16 statistics, 8-bit quantized statistics, and ``optax.inject_hyperparams`` state)
+the test trains a few steps, saves ``(params, opt_state)`` with orbax, and keeps training; a fresh
 process (``tests/_checkpoint_worker.py``) restores the checkpoint and trains the
 same remaining steps. The resumed run must equal the uninterrupted one bit for bit,
 with the same state types and dtypes.
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 from helpers import in_rms_state, load_module, run_worker
+
+import rmsprop_jax
 
 ocp = pytest.importorskip("orbax.checkpoint")
 serialization = pytest.importorskip("flax.serialization")
@@ -80,6 +82,17 @@ def test_bfloat16_statistics_stay_bfloat16_through_the_checkpoint(runs):
         assert leaves and all(leaf.dtype == jnp.bfloat16 for leaf in leaves), field
 
 
+@pytest.mark.slow
+def test_quantized_statistics_stay_quantized_through_the_checkpoint(runs):
+    _, (_, state) = runs["quantized_state"]
+    for field, codes in (("nu", jnp.uint8), ("mu", jnp.int8), ("trace", jnp.int8)):
+        stat = optax.tree_utils.tree_get(state, field)
+        leaves = jax.tree.leaves(stat, is_leaf=lambda x: isinstance(x, rmsprop_jax.QuantizedArray))
+        assert leaves and all(isinstance(leaf, rmsprop_jax.QuantizedArray) for leaf in leaves)
+        assert all(leaf.codes.dtype == codes for leaf in leaves), field
+        assert all(leaf.scales.dtype == jnp.float32 for leaf in leaves), field
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_flax_serialization_round_trips_the_state(uninterrupted, name):
     _, state = uninterrupted[0][name]
@@ -97,7 +110,9 @@ def test_flax_serialization_round_trips_the_state(uninterrupted, name):
     # NamedTuple fields become dictionary keys: the second moment is found by name.
     holders = [d for d in _subdicts(state_dict) if "nu" in d]
     assert len(holders) == 1
-    chex.assert_trees_all_equal(holders[0]["nu"], optax.tree_utils.tree_get(state, "nu"))
+    # (A quantized leaf, a NamedTuple, becomes a dictionary of its codes and scales.)
+    nu = serialization.to_state_dict(optax.tree_utils.tree_get(state, "nu"))
+    chex.assert_trees_all_equal(holders[0]["nu"], nu)
     from_dict = serialization.from_state_dict(target, state_dict)
     assert jax.tree.structure(from_dict) == jax.tree.structure(state)
     chex.assert_trees_all_equal(from_dict, state)

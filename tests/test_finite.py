@@ -38,6 +38,8 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+import rmsprop_jax
+
 
 def real_dtype(dtype: Any) -> np.dtype:
     """The real dtype of the same precision (float32 for complex64)."""
@@ -160,7 +162,7 @@ def hyperparameter_grid(epsilons: Sequence[float]) -> tuple[list[tuple], dict[st
 
 
 @functools.cache
-def edge_case_runner(config: Config) -> Callable:
+def edge_case_runner(config: Config, state_dtype: Any = None) -> Callable:
     """jit(vmap over hyperparameters) of a whole run; reports per element what held at all steps.
 
     Returns ``(finite, zero, state_finite)``: per leaf and hyperparameter row, whether
@@ -169,7 +171,7 @@ def edge_case_runner(config: Config) -> Callable:
     """
 
     def run(hp: dict[str, jax.Array], grads: dict[str, jax.Array]):
-        tx = config.build(hp["decay"], hp["eps"], hp["initial_scale"], hp["momentum"])
+        tx = config.build(hp["decay"], hp["eps"], hp["initial_scale"], hp["momentum"], state_dtype)
         params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
 
         def step(carry, g):
@@ -199,9 +201,15 @@ def describe_failures(mask: np.ndarray, combos: list[tuple], leaf: str) -> list[
 
 EDGE_GROUPS = {
     # x64 disabled: the decay product is float32.
-    "x32": (False, ("float16", "bfloat16", "float32", "complex64")),
+    "x32": (False, ("float16", "bfloat16", "float32", "complex64"), None),
     # x64 enabled: float64 parameters, and float32 ones with a float64 decay product.
-    "x64": (True, ("float64", "float32")),
+    "x64": (True, ("float64", "float32"), None),
+    # 8-bit state for every statistic, blocks of 4 straddling the edge-case classes.
+    "x32-quantized": (
+        False,
+        ("bfloat16", "float32", "complex64"),
+        rmsprop_jax.quantized(min_size=0, block_size=4),
+    ),
 }
 
 
@@ -215,14 +223,15 @@ def test_finite_in_finite_out_on_edge_cases(config, group):
     # log-uniform magnitudes over the whole range, bursts) never give a non-finite
     # update or state, updates keep the gradient dtype, and a zero gradient always
     # gets an exactly zero update (0/0 with eps=0 included).
-    x64, dtypes = EDGE_GROUPS[group]
+    x64, dtypes, state_dtype = EDGE_GROUPS[group]
     with jax.enable_x64(x64):
         grads = {dt: jnp.asarray(edge_case_gradients(dt, seed=i)) for i, dt in enumerate(dtypes)}
         combos, hp = hyperparameter_grid(GRID_EPSILONS)
-        finite, zero, state_finite = jax.device_get(edge_case_runner(config)(hp, grads))
+        runner = edge_case_runner(config, state_dtype)
+        finite, zero, state_finite = jax.device_get(runner(hp, grads))
         # The same compiled run with extreme eps values, for the zero gradients only.
         extreme_combos, extreme_hp = hyperparameter_grid(EXTREME_EPSILONS)
-        _, extreme_zero, _ = jax.device_get(edge_case_runner(config)(extreme_hp, grads))
+        _, extreme_zero, _ = jax.device_get(runner(extreme_hp, grads))
     failures = []
     for dt in dtypes:
         failures += describe_failures(finite[dt], combos, f"{dt} non-finite update")
@@ -247,12 +256,14 @@ def test_zero_gradient_with_zero_eps_is_a_zero_update():
 # --- finite in, finite out: a property over random settings -----------------------------
 
 HYPOTHESIS_STEPS = 12
+# 8-bit state on every leaf with an axis, in blocks of 4 (the shapes here are tiny).
+QUANTIZED = rmsprop_jax.quantized(min_size=0, block_size=4)
 PROPERTY_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64")
 
 
 @functools.cache
 def property_runner(
-    config: Config, dtype: str, shape: tuple[int, ...], state_dtype: str | None
+    config: Config, dtype: str, shape: tuple[int, ...], state_dtype: Any
 ) -> Callable:
     def run(hp, grads):
         tx = config.build(hp["decay"], hp["eps"], hp["initial_scale"], hp["momentum"], state_dtype)
@@ -265,7 +276,7 @@ def property_runner(
 @given(
     config=st.sampled_from(CONFIGS),
     dtype=st.sampled_from(PROPERTY_DTYPES),
-    state_dtype=st.sampled_from([None, None, "bfloat16", "float16"]),
+    state_dtype=st.sampled_from([None, None, "bfloat16", "float16", QUANTIZED]),
     shape=st.sampled_from([(), (5,), (2, 3)]),
     decay=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
     log_eps=st.one_of(st.just(None), st.floats(-12.0, 0.0)),

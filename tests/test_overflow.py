@@ -28,6 +28,8 @@ from rmsprop_jax import _numerics, presets
 F32 = float(np.finfo(np.float32).max)
 F64 = float(np.finfo(np.float64).max)
 
+QUANTIZED = rmsprop_jax.quantized(min_size=0, block_size=4)
+
 # Every variant of the transforms and every preset, built with decay 0.9 where it has one.
 VARIANTS = {
     "rms-in": lambda: rmsprop_jax.scale_by_rms(0.9, 1e-8),
@@ -56,6 +58,18 @@ VARIANTS = {
     "dqn2015": lambda: presets.dqn2015(),
     "lasagne": lambda: presets.lasagne(),
     "caffe": lambda: presets.caffe(0.1),
+    # 8-bit state, one block holding 3e38 and 1 (QUANTIZED: every leaf, blocks of 4).
+    "rms-quantized": lambda: rmsprop_jax.scale_by_rms(0.9, 1e-8, nu_dtype=QUANTIZED),
+    "rmsprop-full-quantized": lambda: rmsprop_jax.rmsprop(
+        0.1,
+        centered=True,
+        momentum=0.9,
+        nesterov=True,
+        bias_correction=True,
+        nu_dtype=QUANTIZED,
+        mu_dtype=QUANTIZED,
+        momentum_dtype=QUANTIZED,
+    ),
 }
 
 # The gradient: three elements whose square overflows float32, one that does not.

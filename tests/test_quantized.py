@@ -277,3 +277,198 @@ def test_block_maxima_and_zeros_are_stored_exactly():
     _, state = tx.update(g, tx.init(jnp.zeros((2, 8))))
     _, expected = exact.update(g, exact.init(jnp.zeros((2, 8))))
     np.testing.assert_array_equal(np.asarray(rmsprop_jax.dequantize(state.nu)), expected.nu)
+
+
+# --- the transforms with quantized state ------------------------------------------------------
+
+Q = rmsprop_jax.quantized(min_size=0)  # every leaf quantized, blocks of 256
+Q_NEAREST = rmsprop_jax.quantized(min_size=0, stochastic_rounding=False)
+# The stated bound: with stochastic rounding and a decay up to 0.999, no element's update
+# exceeds its float32-state update by more than this factor (measured: 1.32 at decay 0.9,
+# 1.70 at 0.999, over 4096 elements and 3000 steps of the drifting gradients below).
+UPDATE_BOUND = 2.0
+
+
+def scaled_updates(nu_dtype, decay: float, steps: int, gradient, size: int, **kwargs):
+    """The scaled gradients of ``scale_by_rms`` over ``steps`` steps of ``gradient(t)``."""
+    tx = rmsprop_jax.scale_by_rms(decay, 1e-8, nu_dtype=nu_dtype, **kwargs)
+
+    def body(state, t):
+        u, state = tx.update(gradient(t), state)
+        return state, u
+
+    return np.asarray(
+        jax.jit(lambda: jax.lax.scan(body, tx.init(jnp.zeros(size)), jnp.arange(steps))[1])()
+    )
+
+
+def drifting_gradient(size: int, seed: int = 0):
+    """Gaussian gradients whose scale per element is log-uniform over 1e-2 .. 1e2 (so a
+    block spans 1e8 in nu) and whose overall scale drifts by 10x up and down."""
+    scale = jnp.asarray(10.0 ** np.random.default_rng(seed).uniform(-2, 2, size), jnp.float32)
+    key = jax.random.key(seed)
+
+    def gradient(t):
+        noise = jax.random.normal(jax.random.fold_in(key, t), (size,))
+        return scale * noise * 10.0 ** jnp.sin(t.astype(jnp.float32) / 300.0)
+
+    return gradient
+
+
+@pytest.mark.parametrize("decay", [0.9, pytest.param(0.999, marks=pytest.mark.slow)])
+def test_no_update_exceeds_the_float32_update_by_more_than_the_bound(decay):
+    size, steps = 4096, 3000
+    gradient = drifting_gradient(size)
+    exact = np.abs(scaled_updates(None, decay, steps, gradient, size))
+    quantized = np.abs(scaled_updates(Q, decay, steps, gradient, size))
+    chex.assert_tree_all_finite(quantized)
+    ratio = quantized / np.maximum(exact, 1e-30)
+    assert ratio.max() <= UPDATE_BOUND, ratio.max()
+    # And typically the two agree: the median element is within 3%.
+    assert abs(np.median(ratio) - 1) < 0.03
+
+
+def test_small_increments_survive_with_stochastic_rounding():
+    # nu starts at 1 (initial_scale) and moves towards g^2 in 1 .. 4 with decay 0.999:
+    # closed form nu_t = 0.999^t + (1 - 0.999^t) g^2. Each step moves nu by 0.1% of the
+    # distance, far below a code's gap (up to 12.5%); the block's largest element is its
+    # scale (stored exactly), the others move relative to it.
+    size, steps = 4096, 1500
+    level = np.linspace(1.0, 2.0, 256)[np.arange(size) % 256]
+    g = jnp.asarray(level, jnp.float32)
+    kwargs = dict(initial_scale=1.0)
+    u_sr = scaled_updates(Q, 0.999, steps, lambda t: g, size, **kwargs)[-1]
+    u_rn = scaled_updates(Q_NEAREST, 0.999, steps, lambda t: g, size, **kwargs)[-1]
+    weight = 0.999**steps
+    expected = level / np.sqrt(weight + (1 - weight) * level**2 + 1e-8)
+    np.testing.assert_allclose(np.mean(u_sr / expected), 1.0, atol=0.01)
+    assert np.median(np.abs(u_sr / expected - 1)) < 0.05
+    # Rounding to nearest freezes the codes where the increment is below half a gap.
+    assert np.median(np.abs(u_rn / expected - 1)) > 0.1
+
+
+def recovery_step(updates: np.ndarray, level: np.ndarray, start: int) -> np.ndarray:
+    """Per element, the first step from ``start`` at which |update| reaches half of ``level``."""
+    reached = np.abs(updates[start:]) >= 0.5 * level
+    return np.where(reached.any(0), reached.argmax(0), len(updates) - start)
+
+
+@pytest.mark.parametrize(
+    "decay,steps", [(0.9, 300), pytest.param(0.999, 7000, marks=pytest.mark.slow)]
+)
+def test_non_stationary_gradient_recovery_matches_float32(decay, steps):
+    # The gradient drops 100-fold after 50 steps (bias correction makes nu_hat = g^2 at
+    # once). Its update falls to ~0.01 and recovers towards 1 as nu forgets the large
+    # gradients: the step at which it reaches half its final size must be within 10% of
+    # float32's (for float32 the same for every element). The first element of each block
+    # keeps its large gradient, so the block's scale stays put while the others decay:
+    # rounded to nearest, their codes freeze (at decay 0.999) and never recover.
+    size, drop = 1024, 50
+    scale = 10.0 ** np.random.default_rng(2).uniform(-1, 1, size)
+    anchor = np.arange(size) % 256 == 0
+    scale[anchor] = 10.0
+    scale_j, anchor_j = jnp.asarray(scale, jnp.float32), jnp.asarray(anchor)
+
+    def gradient(t):
+        return scale_j * jnp.where((t < drop) | anchor_j, 100.0, 1.0)
+
+    def recovery(nu_dtype):
+        updates = scaled_updates(nu_dtype, decay, steps, gradient, size, bias_correction=True)
+        return recovery_step(updates, 1, drop)[~anchor]
+
+    exact, sr = recovery(None), recovery(Q)
+    assert exact.max() - exact.min() <= 1 and exact.max() < steps - drop
+    reference = float(np.median(exact))
+    assert abs(np.median(sr) - reference) <= 0.1 * reference, (np.median(sr), reference)
+    if decay == 0.999:
+        assert np.median(recovery(Q_NEAREST)) > 1.1 * reference
+
+
+# Every variant of rmsprop with every statistic quantized (small blocks: the test problem is
+# small), on a two-layer regression. Losses must fall and follow float32 state within 10%.
+VARIANTS = {
+    "plain": dict(),
+    "centered": dict(centered=True, eps=1e-6),
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "bias_correction": dict(bias_correction=True),
+    "decay_schedule": dict(decay=optax.linear_schedule(0.9, 0.99, 100)),
+    "centered_nesterov_bias": dict(
+        centered=True, momentum=0.9, nesterov=True, bias_correction=True, eps=1e-6
+    ),
+}
+SMALL = rmsprop_jax.quantized(min_size=0, block_size=32)
+
+
+def regression_problem():
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(16, 64)) / 4, jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(64, 1)) / 8, jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(256, 16)), jnp.float32)
+    y = jnp.sin(x[:, :1] * 2) + x[:, 1:2] ** 2
+
+    def loss(p):
+        return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+
+    return params, loss
+
+
+def train_losses(tx, steps=200):
+    params, loss = regression_problem()
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            params, state = carry
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), value
+
+        return jax.lax.scan(step, (params, tx.init(params)), None, length=steps)[1]
+
+    return np.asarray(run(params))
+
+
+def all_quantized(**kwargs):
+    fmts = dict(nu_dtype=SMALL, momentum_dtype=SMALL)
+    if kwargs.get("centered"):
+        fmts["mu_dtype"] = SMALL
+    return fmts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_trains_like_float32(variant):
+    kwargs = dict(VARIANTS[variant])
+    decay = kwargs.pop("decay", 0.9)
+    exact = train_losses(rmsprop_jax.rmsprop(3e-3, decay, **kwargs))
+    quantized = train_losses(rmsprop_jax.rmsprop(3e-3, decay, **kwargs, **all_quantized(**kwargs)))
+    assert quantized[-1] < 0.5 * quantized[0]
+    np.testing.assert_allclose(quantized, exact, rtol=0.1)
+
+
+@pytest.mark.slow
+def test_inject_hyperparams_multi_steps_and_vmap_with_quantized_state():
+    fmts = all_quantized(centered=True)
+    direct = rmsprop_jax.rmsprop(3e-3, 0.9, centered=True, momentum=0.9, eps=1e-6, **fmts)
+    injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(
+        learning_rate=3e-3, decay=0.9, centered=True, momentum=0.9, eps=1e-6, **fmts
+    )
+    # The same arithmetic with traced hyperparameters: the same rounding, to an ulp or two.
+    np.testing.assert_allclose(train_losses(injected, 30), train_losses(direct, 30), rtol=1e-5)
+    # MultiSteps: the state (with quantized leaves) goes through its accumulation.
+    multi = optax.MultiSteps(direct, every_k_schedule=2)
+    with jax.numpy_dtype_promotion("standard"):  # optax's (g - acc) / (n + 1), int32 n
+        losses = train_losses(multi, 30)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # vmap over two parameter sets equals two separate runs.
+    params, _ = regression_problem()
+    stacked = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), params)
+    grads = jax.tree.map(lambda p: jnp.cos(p), stacked)
+    updates, _ = jax.jit(jax.vmap(lambda g, p: direct.update(g, direct.init(p))))(grads, stacked)
+    for i in range(2):
+        row = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+        single, _ = jax.jit(direct.update)(row(grads), direct.init(row(stacked)))
+        chex.assert_trees_all_close(row(updates), single, rtol=1e-6)

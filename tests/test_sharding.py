@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow  # a worker process
 WORKER = Path(__file__).with_name("_sharding_worker.py")
 N_DEVICES = 8
 MESHES = ["explicit", "auto", "mixed"]
-CONFIGS = ["plain", "centered_momentum_bias"]
+CONFIGS = ["plain", "centered_momentum_bias", "quantized"]
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,13 @@ def assert_shardings(records: list[dict]) -> None:
 
 
 def sharded_leaves(records: list[dict]) -> int:
-    """How many leaves should be split over devices (those of the 3 split parameters)."""
+    """How many leaves should be split over devices (those of the 5 split parameters)."""
     return sum(r["expected"] != "P()" for r in records)
 
 
-# Statistics shaped like the parameters: nu; nu, mu and the momentum trace.
-SPLIT_STATISTICS = {"plain": 3, "centered_momentum_bias": 3 * 3}
+# Statistics shaped like the parameters: nu; nu, mu and the momentum trace; with quantized
+# state, the two 512-element parameters have codes and scales for each of the three.
+SPLIT_STATISTICS = {"plain": 5, "centered_momentum_bias": 5 * 3, "quantized": 3 * 3 + 2 * 3 * 2}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -103,5 +104,16 @@ def test_compiled_update_has_no_all_gather(report, mesh, config):
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_update_equals_the_update_on_one_device(report, mesh, config):
-    # Elementwise float32 arithmetic, fused differently: at most a couple of ulps.
+    # Elementwise float32 arithmetic, fused differently: at most a couple of ulps (with
+    # quantized state the same codes, since the random bits depend on the global index).
     assert report[f"{mesh}/{config}"]["max_relative_difference"] <= 3e-7
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_quantized_codes_and_scales_follow_the_parameter(report, mesh):
+    records = report[f"{mesh}/quantized"]["update_state"]
+    codes = [r for r in records if r["path"].endswith(".codes")]
+    scales = [r for r in records if r["path"].endswith(".scales")]
+    assert len(codes) == len(scales) == 2 * 3  # q and qt; nu, mu and the trace
+    assert all(r["expected"] != "P()" for r in codes + scales)
+    assert {tuple(r["shape"]) for r in scales} == {(4, 4), (8, 2)}  # blocks of 32
