@@ -15,11 +15,17 @@ bfloat16 state on XLA:CPU and for two choices inside the library:
   one xor-shift per element (the cost of the hash that draws the random bits);
 * a momentum step whose overflow guard is ``jnp.clip`` against one that replaces infinities
   with a select;
-* ``rsqrt`` in place of a square root and a division.
+* ``rsqrt`` in place of a square root and a division;
+* 8-bit block-wise quantized ``nu`` (``rmsprop_jax.quantized``): the ``"float"`` map (codes
+  are 8-bit floats, a bit shift of the float32 pattern) against the ``"linear"`` map (a
+  multiply and a floor), each stochastically rounded and rounded to nearest, and all three
+  statistics quantized with centered RMSProp and momentum. :func:`map_accuracy` measures
+  the maps' round-trip error on the same vector.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +38,7 @@ import optax
 
 import rmsprop_jax
 
-__all__ = ["compare", "format_table"]
+__all__ = ["compare", "format_map_table", "format_table", "map_accuracy"]
 
 LR, RHO, EPS, BETA = 1e-3, 0.9, 1e-8, 0.9
 _F32, _BF16, _U16, _U32 = jnp.float32, jnp.bfloat16, jnp.uint16, jnp.uint32
@@ -173,7 +179,8 @@ def _rows(p: jax.Array) -> list[_Row]:
     n = p.shape[0]
 
     def library(formulation: str, **kwargs: Any) -> _Row:
-        tx = rmsprop_jax.rmsprop(LR, decay=RHO, eps=EPS, **kwargs)
+        kwargs.setdefault("eps", EPS)
+        tx = rmsprop_jax.rmsprop(LR, decay=RHO, **kwargs)
         return _Row(_LIB, formulation, _library(tx), tx.init(p))
 
     # Fresh zeros for every row: the steps donate their state.
@@ -217,7 +224,63 @@ def _rows(p: jax.Array) -> list[_Row]:
         _Row(_HAND, "float32 momentum, jnp.clip guard", _momentum(_clip_guard), (f32(), f32())),
         _Row(_HAND, "float32 momentum, select guard", _momentum(_select_guard), (f32(), f32())),
         library(f"float32 momentum {BETA}", momentum=BETA),
+        library("8-bit nu, float map, stochastic", nu_dtype=_Q8),
+        library("8-bit nu, float map, to nearest", nu_dtype=_Q8_NEAREST),
+        library("8-bit nu, linear map, stochastic", nu_dtype=_Q8_LINEAR),
+        library(f"float32 centered, momentum {BETA}", centered=True, momentum=BETA, eps=1e-6),
+        library(
+            f"8-bit centered, momentum {BETA} (all three statistics)",
+            centered=True,
+            momentum=BETA,
+            eps=1e-6,
+            nu_dtype=_Q8,
+            mu_dtype=_Q8,
+            momentum_dtype=_Q8,
+        ),
     ]
+
+
+_Q8 = rmsprop_jax.quantized()
+_Q8_NEAREST = rmsprop_jax.quantized(stochastic_rounding=False)
+_Q8_LINEAR = rmsprop_jax.quantized(code_map="linear")
+
+
+def map_accuracy(size: int = 1 << 20, seed: int = 0) -> dict[str, Any]:
+    """The maps' round-trip error on ``nu`` of gradients with realistic spread.
+
+    ``nu`` is the square of Gaussian gradients whose scale per row of 256 varies over two
+    decades and per element over one; the error is that of ``1 / sqrt(nu)`` (what the
+    update uses): median and 99th percentile of the relative error, and the fraction of
+    elements whose stored ``nu`` is below half the true one (update more than 1.41x).
+    """
+    rng = np.random.default_rng(seed)
+    rows = size // 256
+    scale = 10.0 ** rng.uniform(-1, 1, (rows, 1)) * 10.0 ** rng.uniform(-0.5, 0.5, (rows, 256))
+    nu = jnp.asarray((scale * rng.standard_normal((rows, 256))) ** 2, jnp.float32)
+    out: dict[str, Any] = {"size": size}
+    for name, fmt in (
+        ("float map, stochastic", _Q8),
+        ("float map, to nearest", _Q8_NEAREST),
+        ("linear map, stochastic", _Q8_LINEAR),
+        (
+            "linear map, to nearest",
+            rmsprop_jax.quantized(code_map="linear", stochastic_rounding=False),
+        ),
+    ):
+        tx = rmsprop_jax.scale_by_rms(0.0, 0.0, nu_dtype=fmt)
+        state = tx.init(nu)
+        # decay 0: nu is the square of the gradient, stored once.
+        _, state = jax.jit(tx.update)(jnp.sqrt(nu), state)
+        stored = np.asarray(rmsprop_jax.dequantize(state.nu, fmt.code_map), np.float64)
+        exact = np.asarray(nu, np.float64)
+        positive = exact > 0
+        ratio = np.sqrt(exact[positive] / np.maximum(stored[positive], 1e-300))
+        out[name] = {
+            "median_update_error": float(np.median(np.abs(ratio - 1))),
+            "p99_update_error": float(np.quantile(np.abs(ratio - 1), 0.99)),
+            "update_over_1.41x": float(np.mean(ratio > math.sqrt(2))),
+        }
+    return out
 
 
 def compare(size: int, repeats: int, steps_per_sample: int = 3) -> dict[str, Any]:
@@ -278,4 +341,22 @@ def format_table(results: dict[str, Any]) -> str:
             f"| {row['min_s'] * 1e3:.2f} | {row['vs_float32_median']:.2f} "
             f"| {row['vs_float32_min']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def format_map_table(results: dict[str, Any]) -> str:
+    """A Markdown table of :func:`map_accuracy`."""
+    lines = [
+        f"8-bit maps on nu of {results['size'] / 1e6:.1f}M elements (blocks of 256): relative "
+        "error of the update factor 1 / sqrt(nu) after one round trip",
+        "",
+        "| map | median error | 99th percentile | updates over 1.41x |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, row in results.items():
+        if isinstance(row, dict):
+            lines.append(
+                f"| {name} | {row['median_update_error']:.2%} | {row['p99_update_error']:.2%} "
+                f"| {row['update_over_1.41x']:.3%} |"
+            )
     return "\n".join(lines)
