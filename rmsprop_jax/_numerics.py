@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _quantized, _rounding
+from rmsprop_jax import _opaque, _quantized, _rounding
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -132,7 +132,7 @@ def is_saturated(stored: Stored, reloaded: jax.Array) -> jax.Array:
     quantized one where it decodes to ``float32``'s.
     """
     if isinstance(stored, _quantized.QuantizedArray):
-        return reloaded >= jnp.finfo(jnp.float32).max
+        return reloaded >= jnp.asarray(jnp.finfo(jnp.float32).max, reloaded.dtype)
     return stored >= jnp.finfo(stored.dtype).max
 
 
@@ -284,13 +284,15 @@ def map_unzip(
     others = [treedef.flatten_up_to(other) for other in rest]
     tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
     call = jax.jit(fn) if tracing else fn
-    outputs = [
-        call(
-            np.asarray([_rounding.mixed_salt(2 * i), _rounding.mixed_salt(2 * i + 1)], np.uint32),
-            *args,
-        )
-        for i, args in enumerate(zip(leaves, *others))
+    salts = [
+        np.asarray([_rounding.mixed_salt(2 * i), _rounding.mixed_salt(2 * i + 1)], np.uint32)
+        for i in range(len(leaves))
     ]
+    if tracing:
+        # Scalars, not the pairs: XLA folds a pair through the lax.cond of runtime_values.
+        flat = iter(_opaque.runtime_values([bits for pair in salts for bits in pair]))
+        salts = [jnp.stack([first, second]) for first, second in zip(flat, flat)]
+    outputs = [call(salt, *args) for salt, args in zip(salts, zip(leaves, *others))]
     columns = list(zip(*outputs)) if outputs else [()] * n_outputs
     return tuple(treedef.unflatten(list(column)) for column in columns)
 

@@ -247,13 +247,15 @@ def test_scanned_steps_fail_at_the_bad_step():
 
 
 def test_concrete_hyperparameters_add_no_run_time_check():
-    # Checked when built, so the compiled step has no conditional at all (no cost).
+    # Checked when built, so the compiled step has no check at all (no cost). The check is
+    # a conditional whose branch calls the host; the step's other conditional (the salts
+    # of _opaque.runtime_values) has none.
     tx = rmsprop_jax.rmsprop(0.1, 0.9, centered=True, momentum=0.9, bias_correction=True)
     jaxpr = jax.make_jaxpr(tx.update)(jnp.ones(3), tx.init(jnp.zeros(3)))
-    assert "cond" not in str(jaxpr)
+    assert "debug_callback" not in str(jaxpr)
     injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(**INJECTED)
     jaxpr = jax.make_jaxpr(injected.update)(jnp.ones(3), injected.init(jnp.zeros(3)))
-    assert str(jaxpr).count("cond[") >= 1
+    assert str(jaxpr).count("debug_callback") >= 1
 
 
 def test_runtime_checks_switch():
@@ -266,7 +268,7 @@ def test_runtime_checks_switch():
     with rmsprop_jax.runtime_checks(False):
         assert not rmsprop_jax.runtime_checks_enabled()
         jaxpr = jax.make_jaxpr(tx.update)(jnp.ones(1), state)
-        assert "cond[" not in str(jaxpr)
+        assert "debug_callback" not in str(jaxpr)
         updates, _ = jax.jit(tx.update)(jnp.ones(1), state)
         assert bool(jnp.isnan(updates[0]))  # sqrt(-0.5) with eps = 0
     assert rmsprop_jax.runtime_checks_enabled()
