@@ -275,13 +275,13 @@ def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwar
       >>> import optax
       >>> import rmsprop_jax
       >>> from rmsprop_jax import interop
-      >>> kwargs = dict(learning_rate=0.1, momentum=0.9, bias_correction=True)
+      >>> kwargs = dict(learning_rate=0.1, momentum=0.9, centered=True)
       >>> params, grads = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5])
       >>> theirs = optax.rmsprop(**kwargs)
       >>> _, optax_state = theirs.update(grads, theirs.init(params))
       >>> state = interop.from_optax(optax_state, params, **kwargs)
-      >>> print(int(state[0].count), state[0].nu.round(4))
-      1 [0.025 0.025]
+      >>> print(state[0].nu.round(4), state[0].mu.round(4))
+      [0.025 0.025] [0.05 0.05]
     """
     return _interop_optax.from_optax(optax_state, params, rmsprop_kwargs)
 
