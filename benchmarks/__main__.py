@@ -1,27 +1,30 @@
 """Time one RMSProp train step: rmsprop_jax against optax.rmsprop and torch.optim.RMSprop.
 
-Run ``python -m benchmarks`` from a clone of the repository (14 minutes on 2 CPU cores, most of
-it compiling the 3000-leaf tree; ``--quick`` scales every tree down and takes under a minute).
+Run ``python -m benchmarks`` from a clone of the repository (about half an hour on 2 CPU cores,
+most of it compiling the 1,000- and 3,000-leaf trees; ``--quick`` scales every tree down and
+takes about two minutes).
 ``--trees`` and ``--contenders`` narrow a run, e.g. to a two-way A/B on one tree. The
 benchmark is not part of the installed package and not part of the test suite; CI only
 smoke-runs it. It uses rmsprop_jax through its public API only.
 
-The run has five parts:
+The run has these parts:
 
 * :mod:`benchmarks.train_step`: one jitted train step of ``rmsprop_jax.rmsprop``,
-  ``optax.rmsprop`` and ``torch.optim.RMSprop`` on three trees and two configurations, timed
-  in interleaved rounds, with the roofline from the streaming bandwidth of this machine;
-* :mod:`benchmarks.state_precision`: the bfloat16-state training study (loss curves of
-  float32, stochastically rounded and nearest-rounded bfloat16 state);
+  ``rmsprop_jax.pack_small_leaves``, ``optax.rmsprop``, ``optax.flatten`` and
+  ``torch.optim.RMSprop`` on five trees and two configurations, timed in interleaved rounds,
+  with the roofline from the streaming bandwidth of this machine and each step's compile time;
+* :mod:`benchmarks.compile_time`: those rows on the small-leaf trees, as the growth of
+  compile and step time with the number of leaves (a table and ``leaf_count.png``);
+* :mod:`benchmarks.packing`: ways to pack small leaves into one buffer and back;
+* :mod:`benchmarks.state_precision`: the reduced-precision state studies (loss curves of
+  float32, bfloat16 and 8-bit state, stochastically rounded and rounded to nearest);
 * :mod:`benchmarks.formulations`: hand-written formulations of one step next to the
-  library's own steps;
+  library's own steps, and the 8-bit maps' accuracy;
 * :mod:`benchmarks.runtime_checks`: the step with traced hyperparameters, with the run-time
-  range checks on and off;
-* :mod:`benchmarks.compile_time`: seconds to lower and compile the step against the number
-  of leaves, rmsprop_jax against optax.
+  range checks on and off.
 
-Output: Markdown tables on stdout (also ``table.md``) and every raw timing in
-``benchmark.json``, in ``--out``.
+Output: Markdown tables on stdout (also ``table.md``), every raw timing in ``benchmark.json``
+and the plot ``leaf_count.png``, in ``--out``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import compile_time, formulations, runtime_checks, state_precision
+from benchmarks import compile_time, formulations, packing, runtime_checks, state_precision
 from benchmarks.train_step import (
     CONFIGS,
     CONTENDER_IDS,
@@ -68,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDER_IDS), default=None)
     args = parser.parse_args(argv)
     only = None if args.contenders is None else [CONTENDER_IDS[c] for c in args.contenders]
-    tree_names = None if args.trees is None else {TREE_IDS[t] for t in args.trees}
+    prefixes = None if args.trees is None else tuple(TREE_IDS[t] for t in args.trees)
     scale = QUICK if args.quick else FULL
     repeats = args.repeats if args.repeats is not None else scale.repeats
     if repeats < 1:
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tree_info = {}
         rng = np.random.default_rng(0)
         for tree_name, shapes in trees(scale).items():
-            if tree_names is not None and tree_name not in tree_names:
+            if prefixes is not None and not tree_name.endswith(prefixes):
                 continue
             params = {
                 k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
@@ -117,11 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch is not None:
             torch.set_num_threads(previous_threads)
     study = state_precision.compare(steps=300 if args.quick else 2000)
+    quantized_study = state_precision.compare_quantized(steps=300 if args.quick else 2000)
+    maps = formulations.map_accuracy(size=2**16 if args.quick else 2**20)
+    packings = packing.compare(leaves=100 if args.quick else 1000, repeats=3 if args.quick else 9)
     step_formulations = formulations.compare(
         size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
     )
     checks = runtime_checks.compare(quick=args.quick)
-    compiles = compile_time.compare((30, 100) if args.quick else (100, 1000, 3000), repeats=2)
+    leaf_counts = {t: i["leaves"] for t, i in tree_info.items() if t.endswith("small leaves")}
+    plotted = compile_time.plot(rows, leaf_counts, args.out / "leaf_count.png")
     wall_s = time.perf_counter() - start
 
     table = format_table(rows)
@@ -143,13 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n\n"
         + "\n".join(f"* {note}" for note in notes)
         + "\n\n"
+        + compile_time.format_table(rows, leaf_counts)
+        + ("\n\n(plot: leaf_count.png)" if plotted else "")
+        + "\n\n"
+        + packing.format_table(packings)
+        + "\n\n"
         + state_precision.format_table(study)
+        + "\n\n"
+        + state_precision.format_quantized_table(quantized_study)
         + "\n\n"
         + formulations.format_table(step_formulations)
         + "\n\n"
-        + runtime_checks.format_table(checks)
+        + formulations.format_map_table(maps)
         + "\n\n"
-        + compile_time.format_table(compiles)
+        + runtime_checks.format_table(checks)
     )
     print(report)
     (args.out / "table.md").write_text(report + "\n")
@@ -165,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "state_precision": study,
         "formulations": step_formulations,
         "runtime_checks": checks,
-        "compile_time": compiles,
+        "packing": packings,
+        "quantized_state_precision": quantized_study,
+        "map_accuracy": maps,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)

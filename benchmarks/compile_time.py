@@ -1,109 +1,98 @@
-"""Compile time of one jitted, donated train step against the number of leaves.
+"""How compile time and step time grow with the number of leaves, from the train-step rows.
 
-For trees of small 2-D and 1-D leaves (six shapes in a cycle, 384 elements on average, as
-in :func:`benchmarks.train_step.small_leaf_shapes`), the seconds to trace and lower
-(``jax.jit(...).lower``) and to compile (``.compile()``) the step ``update`` then
-``optax.apply_updates``, for ``rmsprop_jax.rmsprop`` and ``optax.rmsprop`` in the same run.
-Each cell is the minimum over ``repeats`` compilations with JAX's caches cleared before
-each, contenders interleaved, so the ratio to optax is measured side by side.
+:mod:`benchmarks.train_step` times every contender on trees of small leaves (100, 1,000 and
+3,000 in the full run). This module turns those rows into one table per configuration (seconds
+to lower and compile the donated step, with JAX's caches cleared, and the median step time,
+each with its ratio to ``optax.rmsprop`` on the same tree) and a log-log plot of both against
+the number of leaves, so a reader sees how each contender grows.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import pathlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from benchmarks.train_step import compile_seconds
 
-import rmsprop_jax
-from benchmarks.train_step import small_leaf_shapes
-
-CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "optax plain": lambda: optax.rmsprop(1e-3),
-    "rmsprop_jax plain": lambda: rmsprop_jax.rmsprop(1e-3),
-    "optax centered+momentum": lambda: optax.rmsprop(1e-3, centered=True, momentum=0.9),
-    "rmsprop_jax centered+momentum+bias": lambda: rmsprop_jax.rmsprop(
-        1e-3, centered=True, momentum=0.9, bias_correction=True
-    ),
-    "rmsprop_jax plain, bfloat16 state": lambda: rmsprop_jax.rmsprop(1e-3, nu_dtype=jnp.bfloat16),
-}
-# The optax row each rmsprop_jax row is compared with.
-BASELINE = {
-    "rmsprop_jax plain": "optax plain",
-    "rmsprop_jax centered+momentum+bias": "optax centered+momentum",
-    "rmsprop_jax plain, bfloat16 state": "optax plain",
-}
+# The row each contender's ratio is taken against.
+BASELINE = "optax"
 
 
-def _seconds(tx: optax.GradientTransformation, params: Any) -> tuple[float, float]:
-    """Seconds to lower and to compile the donated step, with JAX's caches cleared first."""
-    grads = jax.tree.map(jnp.ones_like, params)
-
-    def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
-        updates, s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), s
-
-    state = tx.init(params)
-    jax.clear_caches()
-    tick = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads)
-    lower_s = time.perf_counter() - tick
-    tick = time.perf_counter()
-    lowered.compile()
-    return lower_s, time.perf_counter() - tick
+def _leaf_rows(rows: list[dict[str, Any]], leaves: dict[str, int]) -> list[dict[str, Any]]:
+    """The rows measured on the small-leaf trees, with their leaf count."""
+    return [dict(row, leaves=leaves[row["tree"]]) for row in rows if row["tree"] in leaves]
 
 
-def compare(leaf_counts: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """Lowering and compile seconds per contender and leaf count (minimum over repeats)."""
-    rows = []
-    for count in leaf_counts:
-        params = {k: jnp.zeros(s, jnp.float32) for k, s in small_leaf_shapes(count).items()}
-        best: dict[str, tuple[float, float]] = {}
-        for r in range(repeats):
-            names = list(CONTENDERS)
-            names = names[r % len(names) :] + names[: r % len(names)]
-            for name in names:
-                # optax computes decay ** count on int/float: standard promotion for it.
-                with jax.numpy_dtype_promotion("standard"):
-                    lower_s, compile_s = _seconds(CONTENDERS[name](), params)
-                old = best.get(name, (np.inf, np.inf))
-                if lower_s + compile_s < sum(old):
-                    best[name] = (lower_s, compile_s)
-        for name, (lower_s, compile_s) in best.items():
-            rows.append(
-                {"leaves": count, "contender": name, "lower_s": lower_s, "compile_s": compile_s}
-            )
-    return {"repeats": repeats, "rows": rows}
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: seconds to lower and compile, and the ratio to optax's total."""
-    totals = {(r["leaves"], r["contender"]): r["lower_s"] + r["compile_s"] for r in results["rows"]}
+def format_table(rows: list[dict[str, Any]], leaves: dict[str, int]) -> str:
+    """Markdown: per configuration, compile and step time by leaf count, and ratios to optax."""
+    picked = _leaf_rows(rows, leaves)
+    baseline = {(r["leaves"], r["config"]): r for r in picked if r["contender"] == BASELINE}
     lines = [
-        "#### Compile time against the number of leaves (small leaves, six shapes)",
+        "#### Growth with the number of leaves (small leaves, six shapes)",
         "",
-        "| leaves | contender | lower | compile | total | total / optax |",
-        "|--:|---|--:|--:|--:|--:|",
+        "| config | leaves | contender | lower+compile s | × optax | HLO instructions per leaf "
+        "| step ms | × optax |",
+        "|---|--:|---|--:|--:|--:|--:|--:|",
     ]
-    for row in results["rows"]:
-        total = row["lower_s"] + row["compile_s"]
-        baseline = BASELINE.get(row["contender"])
-        ratio = f"{total / totals[(row['leaves'], baseline)]:.2f}" if baseline else "—"
+    for row in sorted(picked, key=lambda r: (r["config"], r["leaves"])):
+        ref = baseline.get((row["leaves"], row["config"]))
+        compile_s = compile_seconds(row)
+        compile_ratio = step_ratio = "–"
+        if ref is not None and compile_s is not None:
+            compile_ratio = f"{compile_s / compile_seconds(ref):.2f}"
+        if ref is not None:
+            step_ratio = f"{row['median_s'] / ref['median_s']:.2f}"
+        per_leaf = (
+            "–" if row["instructions"] is None else f"{row['instructions'] / row['leaves']:.1f}"
+        )
         lines.append(
-            f"| {row['leaves']} | {row['contender']} | {row['lower_s']:.2f} s | "
-            f"{row['compile_s']:.2f} s | {total:.2f} s | {ratio} |"
+            f"| {row['config']} | {row['leaves']} | {row['contender']} "
+            f"| {'–' if compile_s is None else f'{compile_s:.2f}'} | {compile_ratio} "
+            f"| {per_leaf} | {row['median_s'] * 1e3:.2f} | {step_ratio} |"
         )
     lines += [
         "",
-        f"Minimum of {results['repeats']} compilations per cell, JAX's caches cleared before "
-        "each, contenders interleaved; the bfloat16 row is compared with optax's plain step.",
+        "One compilation per cell with JAX's caches cleared; step times are medians of the "
+        "interleaved rounds of the main table. torch compiles nothing. HLO instructions: "
+        "those of the optimized program (XLA's passes visit each; kernels with identical "
+        "bodies are compiled once), divided by the number of leaves.",
     ]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(format_table(compare((30, 100), repeats=2)))
+def plot(rows: list[dict[str, Any]], leaves: dict[str, int], path: pathlib.Path) -> bool:
+    """Writes the log-log plot to ``path``; False (and no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    picked = _leaf_rows(rows, leaves)
+    configs = sorted({r["config"] for r in picked})
+    fig, axes = plt.subplots(2, len(configs), figsize=(6 * len(configs), 8), squeeze=False)
+    for column, config in enumerate(configs):
+        mine = [r for r in picked if r["config"] == config]
+        for contender in dict.fromkeys(r["contender"] for r in mine):
+            series = sorted(
+                (r for r in mine if r["contender"] == contender), key=lambda r: r["leaves"]
+            )
+            xs = [r["leaves"] for r in series]
+            if series[0]["compile_s"] is not None:
+                axes[0][column].loglog(
+                    xs, [compile_seconds(r) for r in series], "o-", label=contender
+                )
+            axes[1][column].loglog(xs, [r["median_s"] * 1e3 for r in series], "o-", label=contender)
+        axes[0][column].set_title(f"{config}: lower + compile")
+        axes[0][column].set_ylabel("seconds")
+        axes[1][column].set_title(f"{config}: step (median)")
+        axes[1][column].set_ylabel("milliseconds")
+        for ax in axes[:, column]:
+            ax.set_xlabel("leaves")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[1][column].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

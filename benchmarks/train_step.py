@@ -4,11 +4,13 @@ Part of ``python -m benchmarks``. A step is ``update`` then ``optax.apply_update
 ``jax.jit`` that donates the parameters and the optimizer state; the gradients are fixed arrays
 passed in each step. PyTorch runs ``optimizer.step()`` with the same gradients assigned once to
 ``.grad``, with ``foreach=True`` and ``foreach=False`` (when torch is importable).
-``rmsprop_jax packed`` is ``optax.flatten(rmsprop_jax.rmsprop(...))``: every leaf packed into
-one contiguous buffer.
+``pack_small_leaves`` is ``rmsprop_jax.pack_small_leaves(rmsprop_jax.rmsprop(...))`` (leaves of
+at most 4,096 elements packed into one buffer per dtype); ``optax.flatten(optax)`` is
+``optax.flatten(optax.rmsprop(...))`` (every leaf packed into one vector).
 
-Three trees (:func:`trees`): a transformer-shaped tree (~40M parameters in ~150 leaves), many
-small leaves (~3000 leaves, ~1.15M parameters) and one large vector (32M float32). Two
+The trees (:func:`trees`): a transformer-shaped tree (~40M parameters in ~150 leaves), trees of
+100, 1,000 and 3,000 small leaves (384 elements on average) and one large vector (32M
+float32). Two
 configurations (:data:`CONFIGS`): ``plain`` (``rmsprop(lr)``) and ``centered+momentum+bias``
 (torch has no bias correction, so it runs centered with momentum only). ``rmsprop_jax bf16
 state`` keeps its statistics in bfloat16 (``nu_dtype`` and friends of
@@ -48,9 +50,11 @@ __all__ = [
     "TREE_IDS",
     "Config",
     "Scale",
+    "compile_seconds",
     "format_table",
     "machine_info",
     "measure_bandwidth",
+    "small_leaves_tree",
     "time_group",
     "trees",
 ]
@@ -67,15 +71,17 @@ class Scale(NamedTuple):
     width: int  # transformer model width d
     layers: int  # transformer blocks
     vocab: int  # rows of the embedding
-    small_leaves: int  # leaves of the many-small-leaves tree
+    leaf_counts: tuple[int, ...]  # leaves of the small-leaf trees
     vector: int  # elements of the large vector
     repeats: int  # interleaved rounds
     sample_s: float  # a timing sample runs at least this long (several steps if need be)
     bandwidth_mb: int  # size of the array the bandwidth is measured on
 
 
-FULL = Scale(512, 12, 4096, 3000, 32 * 2**20, repeats=15, sample_s=0.05, bandwidth_mb=512)
-QUICK = Scale(128, 2, 512, 120, 2**21, repeats=3, sample_s=0.01, bandwidth_mb=128)
+FULL = Scale(
+    512, 12, 4096, (100, 1000, 3000), 32 * 2**20, repeats=15, sample_s=0.05, bandwidth_mb=512
+)
+QUICK = Scale(128, 2, 512, (30, 120), 2**21, repeats=3, sample_s=0.01, bandwidth_mb=128)
 
 
 class Config(NamedTuple):
@@ -140,11 +146,16 @@ def small_leaf_shapes(count: int) -> dict[str, tuple[int, ...]]:
     return {f"leaf{i:05d}": cycle[i % len(cycle)] for i in range(count)}
 
 
+def small_leaves_tree(count: int) -> str:
+    """The name of the tree of ``count`` small leaves."""
+    return f"{count} small leaves"
+
+
 def trees(scale: Scale) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The three trees of a run, by name."""
+    """The trees of a run, by name."""
     return {
         "transformer": transformer_shapes(scale.width, scale.layers, scale.vocab),
-        "small leaves": small_leaf_shapes(scale.small_leaves),
+        **{small_leaves_tree(n): small_leaf_shapes(n) for n in scale.leaf_counts},
         "vector": {"w": (scale.vector,)},
     }
 
@@ -171,7 +182,11 @@ def measure_bandwidth(megabytes: int, repeats: int = 8) -> dict[str, Any]:
 
 
 class _JaxRunner:
-    """A jitted train step with donated parameters and state."""
+    """A jitted train step with donated parameters and state.
+
+    ``lower_s`` and ``compile_s`` are the seconds to trace and lower the step and to compile
+    it, with JAX's caches cleared first (so no contender reuses another's traces).
+    """
 
     def __init__(
         self, tx: optax.GradientTransformation, params: dict[str, np.ndarray], grads: Any
@@ -181,12 +196,19 @@ class _JaxRunner:
             return optax.apply_updates(params, updates), state
 
         self._params = {k: jnp.array(v) for k, v in params.items()}
-        self._state = jax.jit(tx.init)(self._params)
+        self._state = tx.init(self._params)
         self._grads = grads
+        jax.clear_caches()
         start = time.perf_counter()
-        step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._step = step.lower(self._params, self._state, grads).compile()
+        lowered = jax.jit(train_step, donate_argnums=(0, 1)).lower(self._params, self._state, grads)
+        self.lower_s: float | None = time.perf_counter() - start
+        start = time.perf_counter()
+        self._step = lowered.compile()
         self.compile_s: float | None = time.perf_counter() - start
+        # XLA's passes run over every instruction of the optimized program (kernels of
+        # identical bodies are compiled once), so this count follows the compile time.
+        text = self._step.as_text() or ""
+        self.instructions: int | None = sum(" = " in line for line in text.splitlines())
         self.state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self._state))
 
     def run(self, steps: int) -> None:
@@ -207,7 +229,9 @@ class _TorchRunner:
         for param, grad in zip(self._params, grads, strict=True):
             param.grad = grad
         self._opt = torch.optim.RMSprop(self._params, **kwargs)
+        self.lower_s: float | None = None
         self.compile_s: float | None = None
+        self.instructions: int | None = None
         self.run(1)  # torch allocates its state at the first step
 
     @property
@@ -231,27 +255,29 @@ def _contenders(
     """Each contender's constructor and ideal bytes per parameter, by name."""
     grads_np = {k: (v * 0.05).astype(np.float32) for k, v in params.items()}
     grads = {k: jnp.array(v) for k, v in grads_np.items()}
-    ours = rmsprop_jax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs)
+
+    def ours(**bf16: Any) -> optax.GradientTransformation:
+        return rmsprop_jax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs, **bf16)
+
+    def theirs() -> optax.GradientTransformation:
+        return optax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs)
+
+    pack = rmsprop_jax.pack_small_leaves
+    bf16 = config.bf16_kwargs
     out: dict[str, tuple[Callable[[], Any], int]] = {
-        "rmsprop_jax": (lambda: _JaxRunner(ours, params, grads), config.bytes_f32),
+        "rmsprop_jax": (lambda: _JaxRunner(ours(), params, grads), config.bytes_f32),
         "rmsprop_jax bf16 state": (
-            lambda: _JaxRunner(
-                rmsprop_jax.rmsprop(
-                    LEARNING_RATE, DECAY, EPS, **config.kwargs, **config.bf16_kwargs
-                ),
-                params,
-                grads,
-            ),
+            lambda: _JaxRunner(ours(**bf16), params, grads),
             config.bytes_bf16,
         ),
-        "rmsprop_jax packed": (
-            lambda: _JaxRunner(optax.flatten(ours), params, grads),
-            config.bytes_f32,
+        "pack_small_leaves": (lambda: _JaxRunner(pack(ours()), params, grads), config.bytes_f32),
+        "pack_small_leaves bf16 state": (
+            lambda: _JaxRunner(pack(ours(**bf16)), params, grads),
+            config.bytes_bf16,
         ),
-        "optax": (
-            lambda: _JaxRunner(
-                optax.rmsprop(LEARNING_RATE, DECAY, EPS, **config.kwargs), params, grads
-            ),
+        "optax": (lambda: _JaxRunner(theirs(), params, grads), config.bytes_f32),
+        "optax.flatten(optax)": (
+            lambda: _JaxRunner(optax.flatten(theirs()), params, grads),
             config.bytes_f32,
         ),
     }
@@ -272,8 +298,10 @@ def _contenders(
 CONTENDER_IDS = {
     "ours": "rmsprop_jax",
     "bf16": "rmsprop_jax bf16 state",
-    "packed": "rmsprop_jax packed",
+    "pack": "pack_small_leaves",
+    "pack-bf16": "pack_small_leaves bf16 state",
     "optax": "optax",
+    "optax-flatten": "optax.flatten(optax)",
     "torch-foreach": "torch foreach",
     "torch-loop": "torch for-loop",
 }
@@ -322,7 +350,9 @@ def time_group(
                 "seconds": samples[name],
                 "median_s": statistics.median(samples[name]),
                 "min_s": min(samples[name]),
+                "lower_s": runners[name].lower_s,
                 "compile_s": runners[name].compile_s,
+                "instructions": runners[name].instructions,
                 "state_bytes": runners[name].state_bytes,
                 "ideal_bytes": ideal[name],
                 "roofline_s": ideal[name] / (bandwidth * 1e9),
@@ -375,11 +405,18 @@ def _cell(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def compile_seconds(row: dict[str, Any]) -> float | None:
+    """Seconds to lower and compile a row's step (None for torch)."""
+    if row["compile_s"] is None:
+        return None
+    return row["lower_s"] + row["compile_s"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of every row."""
     lines = [
         "| tree | config | contender | median ms | min ms | × optax | × torch foreach "
-        "| % roofline | compile s | state MB |",
+        "| % roofline | lower+compile s | state MB |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
@@ -390,7 +427,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['median_s'] * 1e3:.2f} | {row['min_s'] * 1e3:.2f} "
             f"| {_cell(row.get('vs_optax_median'), '.2f')} "
             f"| {_cell(row.get('vs_torch_foreach_median'), '.2f')} "
-            f"| {row['roofline_fraction'] * 100:.0f} | {_cell(row['compile_s'], '.2f')} "
+            f"| {row['roofline_fraction'] * 100:.0f} | {_cell(compile_seconds(row), '.2f')} "
             f"| {row['state_bytes'] / _MB:.1f} |"
         )
     return "\n".join(lines)
