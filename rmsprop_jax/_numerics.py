@@ -188,15 +188,16 @@ def clip_finite(x: jax.Array) -> jax.Array:
     """Clips ``x`` (each part, if complex) to the finite range of its own dtype."""
     if jnp.iscomplexobj(x):
         return jax.lax.complex(clip_finite(x.real), clip_finite(x.imag))
-    # Only an infinity can lie outside a dtype's finite range, so replacing infinities with
-    # the largest finite value of their sign is the same clip. Written as a select, not as
-    # ``jnp.clip``: XLA:CPU fused a clamp between the momentum buffer and its two consumers
-    # badly, recomputing the buffer and copying the old one (4.4x the step time of optax's
-    # momentum on a 4M-element vector); a select fuses into its neighbours.
+    # Written as selects, not as ``jnp.clip`` or a min/max pair: XLA:CPU fused a clamp
+    # between the momentum buffer and its two consumers badly, recomputing the buffer and
+    # copying the old one (4.4x the step time of optax's momentum on a 4M-element vector;
+    # min/max: 6.5x), while a select fuses into its neighbours. Two compares and two
+    # selects are six instructions per leaf where ``|x| == inf`` and ``sign(x) * max`` took
+    # seven; XLA's compile time follows the instruction count. NaN fails both compares.
     lax = jax.lax
     big = lax.full_like(x, jnp.finfo(x.dtype).max)
-    infinite = lax.abs(x) == lax.full_like(x, np.inf)
-    return select(infinite, lax.mul(lax.sign(x), big), x)
+    low = lax.neg(big)
+    return lax.select(x > big, big, lax.select(x < low, low, x))
 
 
 def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
