@@ -84,6 +84,7 @@ def _slots(
     """The index of each leaf's variable among the optimizer's slots."""
     variables = st.match_structure(leaves, keras_variables, "keras_variables")
     indices = []
+    seen: dict[int, str] = {}
     for path, variable in zip(leaves.paths, variables):
         if not isinstance(variable, keras.Variable):
             raise TypeError(
@@ -91,12 +92,19 @@ def _slots(
                 f"{type(variable).__name__}."
             )
         try:
-            indices.append(optimizer._get_variable_index(variable))
+            index = optimizer._get_variable_index(variable)
         except KeyError:
             raise ValueError(
                 f"`keras_variables` leaf {path} ({variable.path}, shape {variable.shape}) is "
                 "not a variable that `optimizer` was built for."
             ) from None
+        if index in seen:
+            raise ValueError(
+                f"`keras_variables` leaves {seen[index]} and {path} are the same Keras "
+                f"variable ({variable.path})."
+            )
+        seen[index] = path
+        indices.append(index)
     tracked = len(optimizer._velocities)
     if len(set(indices)) != tracked:
         raise ValueError(
@@ -161,6 +169,8 @@ def to_keras(
     keras = _keras("to_keras")
     hyper = _hyperparameters(keras, "to_keras", optimizer)
     leaves = st.leaves_of(params)
+    st.refuse_packed(opt_state, "to_keras")
+    st.refuse_quantized(opt_state, "to_keras", "presets.keras")
     st.check_layout(opt_state, presets.keras(**hyper).init(params), _described(hyper))
     found = st.read(opt_state, leaves)
     variables = st.match_structure(leaves, keras_variables, "keras_variables")

@@ -5,6 +5,11 @@ learning rate (inside the momentum buffer in both), and an optional ``optax.trac
 statistics are the same numbers; only the containers differ. optax keeps a step count
 in the scaling state only with ``bias_correction`` and in the learning rate's state only
 for a schedule; this library keeps one in every scaling state.
+
+rmsprop_jax.rmsprop may also store its statistics otherwise (``nu_dtype``, ``mu_dtype``,
+``momentum_dtype``: a narrower float, or a quantized format); optax keeps them in the
+parameters' dtype. Those arguments go to rmsprop_jax.rmsprop only: reading such a state
+widens (or dequantizes) it, exactly; writing one rounds to the storage.
 """
 
 from __future__ import annotations
@@ -31,14 +36,18 @@ SHARED = (
     "nesterov",
     "bias_correction",
 )
+# The storage of rmsprop_jax.rmsprop's statistics (optax keeps its state in the parameters'
+# dtype): passed to rmsprop_jax.rmsprop only.
+STORAGE = tuple(st.DTYPE_ARGUMENTS.values())
 
 
 def _check_kwargs(caller: str, kwargs: dict[str, Any]) -> None:
-    unknown = sorted(set(kwargs) - set(SHARED))
+    unknown = sorted(set(kwargs) - set(SHARED) - set(STORAGE))
     if unknown:
         raise TypeError(
             f"`{caller}`: {', '.join(f'`{k}`' for k in unknown)} is not an argument that "
-            f"optax.rmsprop and rmsprop_jax.rmsprop share; the shared ones are {list(SHARED)}."
+            f"optax.rmsprop and rmsprop_jax.rmsprop share; the shared ones are {list(SHARED)}, "
+            f"and rmsprop_jax.rmsprop's state storage {list(STORAGE)} may be added."
         )
     if "learning_rate" not in kwargs:
         raise TypeError(f"`{caller}`: `learning_rate` is required (both optimizers need it).")
@@ -59,10 +68,14 @@ def _check_first_step(caller: str, kwargs: dict[str, Any], count: int | None) ->
         )
 
 
+def _optax_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k in SHARED}
+
+
 def _optax_template(kwargs: dict[str, Any], params: optax.Params) -> Any:
     # optax computes decay**count with an int count and float decay: standard promotion.
     with jax.numpy_dtype_promotion("standard"):
-        return optax.rmsprop(**kwargs).init(params)
+        return optax.rmsprop(**_optax_kwargs(kwargs)).init(params)
 
 
 def _check_shapes(state: Any, template: Any, name: str) -> None:
@@ -80,8 +93,9 @@ def from_optax(optax_state: Any, params: optax.Params, kwargs: dict[str, Any]) -
     """See :func:`rmsprop_jax.interop.from_optax`."""
     _check_kwargs("from_optax", kwargs)
     leaves = st.leaves_of(params)
+    st.refuse_packed(optax_state, "from_optax", "optax_state")
     template = _optax_template(kwargs, params)
-    what = f"optax.rmsprop({_described(kwargs)})"
+    what = f"optax.rmsprop({_described(_optax_kwargs(kwargs))})"
     if jax.tree.structure(optax_state) != jax.tree.structure(template):
         raise ValueError(
             f"`optax_state` does not have the layout of {what}: it is "
@@ -107,17 +121,21 @@ def from_optax(optax_state: Any, params: optax.Params, kwargs: dict[str, Any]) -
         statistics["trace"] = leaves.treedef.flatten_up_to(trace.trace)
     statistics = {k: [np.asarray(v) for v in vs] for k, vs in statistics.items()}
     ours = rmsprop(**kwargs).init(params)
-    return st.write(ours, leaves, statistics, [counters] * len(leaves.values))
+    counts = [counters] * len(leaves.values)
+    return st.write(ours, leaves, statistics, counts, st.formats_of(kwargs))
 
 
 def to_optax(opt_state: Any, params: optax.Params, kwargs: dict[str, Any]) -> Any:
     """See :func:`rmsprop_jax.interop.to_optax`."""
     _check_kwargs("to_optax", kwargs)
     leaves = st.leaves_of(params)
+    st.refuse_packed(opt_state, "to_optax")
+    formats = st.formats_of(kwargs)
+    st.check_formats(opt_state, formats, "to_optax")
     st.check_layout(
         opt_state, rmsprop(**kwargs).init(params), f"rmsprop_jax.rmsprop({_described(kwargs)})"
     )
-    found = st.read(opt_state, leaves)
+    found = st.read(opt_state, leaves, formats)
     count = found.counts[0]
     _check_first_step("to_optax", kwargs, count)
     scaling, scale, trace = _optax_template(kwargs, params)

@@ -167,10 +167,13 @@ def from_torch(
     try:
         opt_state = st.write(tx.init(params), leaves, statistics, counters)
     except ValueError as error:
-        raise ValueError(
-            f"`from_torch`: {error} (PyTorch skips a parameter without a gradient; "
-            "a JAX run updates every leaf at every step.)"
-        ) from None
+        hint = (
+            " (PyTorch skips a parameter without a gradient; a JAX run updates every leaf at "
+            "every step.)"
+            if isinstance(error, st.StepCountError)
+            else ""
+        )
+        raise ValueError(f"`from_torch`: {error}{hint}") from None
     return tx, opt_state
 
 
@@ -185,6 +188,8 @@ def to_torch(
     torch = _torch("to_torch")
     leaves = st.leaves_of(params)
     layout = _layout(torch, "to_torch", optimizer, leaves, torch_params)
+    st.refuse_packed(opt_state, "to_torch")
+    st.refuse_quantized(opt_state, "to_torch", "presets.pytorch")
     expected = transformation(layout, leaves).init(params)
     st.check_layout(opt_state, expected, _described(layout))
     found = st.read(opt_state, leaves)

@@ -8,6 +8,9 @@
   through (:class:`Config` builds each with given hyperparameters); :func:`tree_params`,
   :func:`tree_grads` and :func:`train`: a two-layer parameter tree and a jitted training
   loop, for the tests of rmsprop inside optax's combinators.
+* :data:`OPTAX_CONFIGS`: every flag combination that ``optax.rmsprop`` shares with
+  ``rmsprop_jax.rmsprop`` (:data:`OPTAX_CONFIGS_SAME_FROM_STEP_0`: those whose first
+  step is also the same), for the equivalence tests and the optax conversions.
 * :func:`load_module`, :func:`run_worker`, :func:`worker_env`: files of ``tests/`` loaded by
   path, and worker scripts run in a fresh Python process (one whose JAX runtime has its own
   device count), which imports the same ``rmsprop_jax`` as the test process.
@@ -394,6 +397,25 @@ CONFIGS = [
         nesterov=False,
         learning_rate_in_momentum=False,
     ),
+]
+
+# Every flag combination optax.rmsprop shares with rmsprop_jax.rmsprop (the numeric
+# hyperparameters are each test's): tests/test_transforms.py compares the two from step 0,
+# tests/test_interop.py converts the state of one into the other's.
+OPTAX_CONFIGS = [
+    dict(centered=c, momentum=m, nesterov=n, eps_in_sqrt=e, initial_scale=s, bias_correction=b)
+    for c, (m, n), e, s, b in itertools.product(
+        [False, True],
+        [(None, False), (0.9, False), (0.9, True)],
+        [True, False],
+        [0.0, 1.0],
+        [False, True],
+    )
+]
+# optax divides by sqrt(eps) at the first centered bias-corrected step (a documented
+# difference; tests/test_centered.py compares those transforms from step 2 on).
+OPTAX_CONFIGS_SAME_FROM_STEP_0 = [
+    c for c in OPTAX_CONFIGS if not (c["centered"] and c["bias_correction"])
 ]
 
 

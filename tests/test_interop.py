@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import worker_env
+from helpers import OPTAX_CONFIGS, worker_env
 
 import rmsprop_jax
 from rmsprop_jax import interop, presets
@@ -320,18 +319,8 @@ def test_jax_run_continues_in_keras(keras, name):
 
 # --- optax ------------------------------------------------------------------------------------
 
-# Every configuration optax.rmsprop shares with rmsprop_jax.rmsprop (tests/test_transforms.py
-# compares the two from step 0); a constant rate and a schedule alternate through them.
-OPTAX_CONFIGS = [
-    dict(centered=c, momentum=m, nesterov=n, eps_in_sqrt=e, initial_scale=s, bias_correction=b)
-    for c, (m, n), e, s, b in itertools.product(
-        [False, True],
-        [(None, False), (0.9, False), (0.9, True)],
-        [True, False],
-        [0.0, 1.0],
-        [False, True],
-    )
-]
+# Every configuration optax.rmsprop shares with rmsprop_jax.rmsprop (helpers.OPTAX_CONFIGS);
+# a constant rate and a schedule alternate through them.
 
 
 def _optax_id(i_config):
@@ -482,6 +471,45 @@ def test_to_torch_names_a_leaf_whose_shape_differs():
     assert not optimizer.state
 
 
+def test_torch_refuses_a_parameter_given_twice():
+    params, tree, optimizer = _stepped_torch()
+    tree["dense"]["bias"] = tree["conv"]["bias"]
+    params["dense"]["bias"] = params["conv"]["bias"]
+    match = r"leaves \['conv'\]\['bias'\] and \['dense'\]\['bias'\] are the same torch parameter"
+    with pytest.raises(ValueError, match=match):
+        interop.from_torch(optimizer, params, tree, convert=from_torch_convert)
+    before = {k: v.clone() for k, v in optimizer.state[tree["conv"]["bias"]].items()}
+    _, state = jax_steps(presets.pytorch(), params, presets.pytorch().init(params), [])
+    with pytest.raises(ValueError, match=match):
+        interop.to_torch(state, optimizer, params, tree, convert=to_torch_convert)
+    after = optimizer.state[tree["conv"]["bias"]]
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing written
+
+
+def test_from_torch_complex_parameter_needs_complex_leaves():
+    z0 = np.asarray([0.3 + 0.2j, -1.0 + 0.5j], np.complex64)
+    weight = torch.nn.Parameter(torch.from_numpy(z0.copy()))
+    optimizer = torch.optim.RMSprop([weight], lr=0.01)
+    weight.grad = torch.from_numpy(np.asarray([1.0 - 2.0j, 0.5 + 0.1j], np.complex64))
+    optimizer.step()
+    # A real JAX leaf for the complex parameter: its statistic would lose the imaginary part.
+    with pytest.raises(
+        ValueError,
+        match=r"^`from_torch`: nu of leaf \['z'\]: got a complex array of dtype complex64 "
+        r"for a real statistic of dtype float32\.$",
+    ):
+        interop.from_torch(optimizer, {"z": jnp.real(jnp.asarray(z0))}, {"z": weight})
+    # A complex leaf whose statistic `convert` made real.
+    with pytest.raises(
+        ValueError,
+        match=r"nu of leaf \['z'\]: the state keeps real and imaginary parts of a complex "
+        r"parameter, got a real array of dtype float32",
+    ):
+        interop.from_torch(
+            optimizer, {"z": jnp.asarray(z0)}, {"z": weight}, convert=lambda a, p, x: a.real
+        )
+
+
 def test_keras_bad_input(keras):
     params = make_params()
     tree = keras_network(keras, params)
@@ -510,11 +538,39 @@ def test_keras_bad_input(keras):
         interop.to_keras(presets.keras().init(params), optimizer, params, tree)
 
 
+def test_keras_refuses_variables_missing_from_the_tree_or_given_twice(keras):
+    params = make_params()
+    tree = keras_network(keras, params)
+    optimizer = keras.optimizers.RMSprop()
+    keras_steps(optimizer, tree, make_grads(1))
+    conv_params, conv_tree = {"conv": params["conv"]}, {"conv": tree["conv"]}
+    with pytest.raises(
+        ValueError, match=r"`optimizer` tracks 4 variables and `keras_variables` names 2 of them"
+    ):
+        interop.from_keras(optimizer, conv_params, conv_tree)
+    state = presets.keras().init(conv_params)
+    with pytest.raises(ValueError, match=r"tracks 4 variables and `keras_variables` names 2"):
+        interop.to_keras(state, optimizer, conv_params, conv_tree)
+    tree["dense"]["bias"] = tree["conv"]["bias"]
+    params["dense"]["bias"] = params["conv"]["bias"]
+    with pytest.raises(
+        ValueError,
+        match=r"leaves \['conv'\]\['bias'\] and \['dense'\]\['bias'\] are the same Keras "
+        r"variable",
+    ):
+        interop.from_keras(optimizer, params, tree)
+
+
 def test_optax_bad_input():
     params = {"w": jnp.zeros((2, 3))}
-    with pytest.raises(TypeError, match=r"`nu_dtype` is not an argument that optax.rmsprop"):
+    with pytest.raises(
+        TypeError, match=r"`learning_rate_in_momentum` is not an argument that optax.rmsprop"
+    ):
         interop.from_optax(
-            optax.rmsprop(0.1).init(params), params, learning_rate=0.1, nu_dtype="float32"
+            optax.rmsprop(0.1).init(params),
+            params,
+            learning_rate=0.1,
+            learning_rate_in_momentum=False,
         )
     with pytest.raises(TypeError, match=r"`learning_rate` is required"):
         interop.to_optax(rmsprop_jax.rmsprop(0.1).init(params), params)
@@ -542,6 +598,167 @@ def test_optax_bad_input():
     kwargs = dict(learning_rate=0.1, centered=True, bias_correction=True)
     with pytest.raises(ValueError, match=r"first step of optax.rmsprop differs"):
         interop.to_optax(rmsprop_jax.rmsprop(**kwargs).init(params), params, **kwargs)
+
+
+# --- storage: quantized and narrow statistics, packed states ---------------------------------
+
+QUANTIZED = rmsprop_jax.quantized(min_size=0, block_size=4)
+
+
+def dequantized(state, code_map="float"):
+    """``state`` with each quantized statistic as its float32 values (the documented recipe)."""
+    return jax.tree.map(
+        lambda x: (
+            rmsprop_jax.dequantize(x, code_map) if isinstance(x, rmsprop_jax.QuantizedArray) else x
+        ),
+        state,
+        is_leaf=lambda x: isinstance(x, rmsprop_jax.QuantizedArray),
+    )
+
+
+def _stored(tree):
+    return jax.tree.map(
+        lambda x: np.asarray(rmsprop_jax.dequantize(x) if isinstance(x, tuple) else x, np.float64),
+        tree,
+        is_leaf=lambda x: isinstance(x, rmsprop_jax.QuantizedArray),
+    )
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", pytest.param("quantized", marks=pytest.mark.slow)])
+def test_optax_state_into_and_out_of_narrow_storage(storage):
+    fmt = QUANTIZED if storage == "quantized" else jnp.bfloat16
+    shared = dict(learning_rate=0.03, decay=0.9, eps=1e-6, centered=True, momentum=0.9)
+    kwargs = dict(**shared, nu_dtype=fmt, mu_dtype=fmt, momentum_dtype=fmt)
+    params = {"w": jnp.asarray(make_params()["dense"]["kernel"]), "b": jnp.zeros(4)}
+    grads = [{"w": g["dense"]["kernel"], "b": g["dense"]["bias"]} for g in make_grads(N + M)]
+    theirs_tx, ours_tx = optax.rmsprop(**shared), rmsprop_jax.rmsprop(**kwargs)
+    with jax.numpy_dtype_promotion("standard"):
+        theirs_state = theirs_tx.init(params)
+    switch, theirs_state = _optax_run(theirs_tx, params, theirs_state, grads[:N])
+
+    # optax -> narrow storage: each value rounded to the nearest stored value.
+    converted = interop.from_optax(theirs_state, params, **kwargs)
+    assert jax.tree.structure(converted) == jax.tree.structure(ours_tx.init(params))
+    for field, theirs in [
+        ("nu", theirs_state[0].nu),
+        ("mu", theirs_state[0].mu),
+        ("trace", theirs_state[2].trace),
+    ]:
+        ours = _stored(optax.tree.get(converted, field))
+        for key in params:
+            x = np.asarray(theirs[key], np.float64)
+            error = np.abs(ours[key] - x)
+            if storage == "bfloat16":  # to nearest: half an ulp, 8 significant bits
+                assert np.all(error <= 2.0**-8 * np.abs(x)), (field, key)
+            else:  # float map: relative gaps of 2**-3, nearest of two neighbours
+                bound = 2.0**-4 * np.abs(x) + 2.0**-16 * np.max(np.abs(x))
+                assert np.all(error <= bound), (field, key, np.max(error / (bound + 1e-30)))
+    # Not exact beyond that rounding, but the run continues on its course: far closer to
+    # optax's continuation than a restart with a fresh state.
+    theirs, _ = _optax_run(theirs_tx, switch, theirs_state, grads[N:])
+    ours, _ = jax_steps(ours_tx, switch, converted, grads[N:])
+    fresh, _ = jax_steps(ours_tx, switch, ours_tx.init(params), grads[N:])
+    assert worst_relative(ours, theirs) < 0.1 * worst_relative(fresh, theirs)
+
+    # narrow storage -> optax: the values stored, widened exactly; optax then continues
+    # what a float32 rmsprop_jax run from the same values does.
+    _, state = jax_steps(ours_tx, params, ours_tx.init(params), grads[:N])
+    back = interop.to_optax(state, params, **kwargs)
+    assert jax.tree.structure(back) == jax.tree.structure(theirs_state)
+    for field, tree in [("nu", back[0].nu), ("mu", back[0].mu), ("trace", back[2].trace)]:
+        for key, value in _stored(optax.tree.get(state, field)).items():
+            assert tree[key].dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(tree[key], np.float64), value)
+    as_float = rmsprop_jax.rmsprop(**shared)
+    widened = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, dequantized(state)
+    )
+    theirs, _ = _optax_run(theirs_tx, switch, back, grads[N:])
+    ours, _ = jax_steps(as_float, switch, widened, grads[N:])
+    check(f"{storage} rmsprop_jax->optax", theirs, ours)
+
+
+def test_optax_quantized_state_needs_its_format():
+    kwargs = dict(learning_rate=0.1, centered=True)
+    params = {"w": jnp.zeros((2, 8))}
+    state = rmsprop_jax.rmsprop(**kwargs, nu_dtype=QUANTIZED).init(params)
+    with pytest.raises(
+        ValueError,
+        match=r"`to_optax`: `opt_state` holds a quantized nu at \[0\]\.nu\['w'\] "
+        r"\(rmsprop_jax.QuantizedArray\); pass the `nu_dtype=rmsprop_jax.quantized\(...\)`",
+    ):
+        interop.to_optax(state, params, **kwargs)
+    theirs = optax.rmsprop(**kwargs).init(params)
+    theirs = theirs[:1] + theirs[1:]
+    bad = (theirs[0]._replace(nu={"w": jnp.full((2, 8), jnp.inf)}), *theirs[1:])
+    with pytest.raises(
+        ValueError, match=r"nu of leaf \['w'\]: 16 non-finite values, which a quantized"
+    ):
+        interop.from_optax(bad, params, **kwargs, nu_dtype=QUANTIZED)
+
+
+@pytest.mark.slow
+def test_torch_and_keras_refuse_quantized_statistics(keras):
+    # presets.pytorch's state with a quantized nu, as a run with quantized storage has.
+    params, grads = make_params(), make_grads(N + M)
+    tx = presets.pytorch(lr=0.01)
+    _, state = jax_steps(tx, params, tx.init(params), grads[:N])
+    quantized_nu = rmsprop_jax.scale_by_rms(nu_dtype=QUANTIZED).init(params).nu
+    quantized_state = optax.tree.set(state, nu=quantized_nu)
+    tree = torch_network(params)
+    optimizer = make_torch_optimizer("defaults", tree)
+    with pytest.raises(
+        ValueError,
+        match=r"`to_torch`: `opt_state` holds quantized statistics .*the first is nu at "
+        r".*\['conv'\]\['bias'\]\); presets.pytorch keeps floating-point statistics",
+    ):
+        interop.to_torch(quantized_state, optimizer, params, tree, convert=to_torch_convert)
+    assert not optimizer.state
+    # The recipe in the message gives a state that converts, holding the values stored.
+    interop.to_torch(
+        dequantized(quantized_state), optimizer, params, tree, convert=to_torch_convert
+    )
+    # (zeros, as stored in quantized_nu: the float state's nu after N steps is not)
+    assert float(optimizer.state[tree["conv"]["bias"]]["square_avg"].max()) == 0.0
+
+    # Keras: a JAX run with a quantized nu; refused, then continued after dequantizing.
+    kwargs = dict(learning_rate=0.01, rho=0.9, epsilon=1e-7)
+    ours_tx = rmsprop_jax.rmsprop(0.01, 0.9, 1e-7, nu_dtype=QUANTIZED)
+    switch, state = jax_steps(ours_tx, params, ours_tx.init(params), grads[:N])
+    tree = keras_network(keras, switch)
+    optimizer = keras.optimizers.RMSprop(**kwargs)
+    with pytest.raises(ValueError, match=r"`to_keras`: .*presets.keras keeps floating-point"):
+        interop.to_keras(state, optimizer, switch, tree)
+    assert not optimizer.built
+    interop.to_keras(dequantized(state), optimizer, switch, tree)
+    keras_steps(optimizer, tree, grads[N:])
+    ours, _ = jax_steps(presets.keras(**kwargs), switch, dequantized(state), grads[N:])
+    check("quantized jax->keras (dequantized)", keras_values(tree), ours)
+
+
+def test_packed_states_are_refused(keras):
+    params = make_params()
+    match = r"is \(or holds\) the state of rmsprop_jax.pack_small_leaves, whose statistics"
+    packed = rmsprop_jax.pack_small_leaves(presets.pytorch()).init(params)
+    tree = torch_network(params)
+    optimizer = torch.optim.RMSprop(jax.tree.leaves(tree))
+    with pytest.raises(ValueError, match=r"`to_torch`: `opt_state` " + match):
+        interop.to_torch(packed, optimizer, params, tree, convert=to_torch_convert)
+    assert not optimizer.state
+    packed = rmsprop_jax.pack_small_leaves(presets.keras()).init(params)
+    optimizer = keras.optimizers.RMSprop()
+    with pytest.raises(ValueError, match=r"`to_keras`: `opt_state` " + match):
+        interop.to_keras(packed, optimizer, params, keras_network(keras, params))
+    assert not optimizer.built
+    # Inside a chain too.
+    packed = optax.chain(
+        optax.clip(1.0), rmsprop_jax.pack_small_leaves(rmsprop_jax.rmsprop(0.1))
+    ).init(params)
+    with pytest.raises(ValueError, match=r"`to_optax`: `opt_state` " + match):
+        interop.to_optax(packed, params, learning_rate=0.1)
+    packed = rmsprop_jax.pack_small_leaves(optax.rmsprop(0.1)).init(params)
+    with pytest.raises(ValueError, match=r"`from_optax`: `optax_state` " + match):
+        interop.from_optax(packed, params, learning_rate=0.1)
 
 
 def test_importing_the_library_imports_neither_torch_nor_keras():
