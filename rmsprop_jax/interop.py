@@ -27,6 +27,19 @@ The transformation's learning rate is the optimizer's current rate, a constant, 
 continued runs agree as long as the rate stays the same on both sides. PyTorch and
 Keras are imported only inside these functions; ``import rmsprop_jax.interop`` does not
 import them.
+
+**Storage.** The frameworks keep their statistics in the parameters' dtype, as
+:func:`presets.pytorch` and :func:`presets.keras` do. :func:`from_optax` and
+:func:`to_optax` also take the storage arguments of :func:`rmsprop_jax.rmsprop`
+(``nu_dtype``, ``mu_dtype``, ``momentum_dtype``: a narrower float or
+:func:`rmsprop_jax.quantized`), which only ``rmsprop_jax.rmsprop`` receives: reading such
+a state widens or dequantizes it to ``float32``, exactly what is stored; writing one
+rounds each value to the nearest value the storage holds (one rounding, so the run
+continues within that error, not exactly). :func:`to_torch` and :func:`to_keras` refuse
+quantized statistics, since a :class:`rmsprop_jax.QuantizedArray` does not record its
+code map: dequantize them first (the message says how). The state of
+:func:`rmsprop_jax.pack_small_leaves`, laid out by buffer rather than by parameter, is
+refused by every function.
 """
 
 from __future__ import annotations
@@ -72,15 +85,17 @@ def from_torch(
 
     Returns:
       ``(tx, opt_state)``: ``tx.update(grads, opt_state, params)`` then takes the step
-      that ``optimizer.step()`` would take on the same gradients.
+      that ``optimizer.step()`` would take on the same gradients. The statistics keep
+      the parameters' dtype, as PyTorch's do.
 
     Raises:
       TypeError: ``optimizer`` is not a ``torch.optim.RMSprop``, or a leaf of
         ``torch_params`` is not a tensor.
       ValueError: naming the leaf: a parameter is not in ``optimizer`` (or one of
-        ``optimizer`` is not in ``torch_params``), has no state yet, has a state that
-        other settings made, or a converted statistic does not have the leaf's shape;
-        the parameters of one group do not share one step count.
+        ``optimizer`` is not in ``torch_params``, or one is there twice), has no state
+        yet, has a state that other settings made, or a converted statistic does not
+        have the leaf's shape or kind (complex for a complex parameter, real for a real
+        one); the parameters of one group do not share one step count.
 
     References:
       `torch.optim.RMSprop
@@ -140,7 +155,10 @@ def to_torch(
       TypeError: as in :func:`from_torch`.
       ValueError: ``opt_state`` does not have the layout the optimizer's settings give
         (another ``centered``, ``momentum``, or other groups), or a statistic's shape is
-        not its parameter's, naming the leaf. Nothing is written then.
+        not its parameter's, naming the leaf; ``opt_state`` holds quantized statistics
+        (dequantize them first, exactly: the message gives the line) or is a
+        :func:`rmsprop_jax.pack_small_leaves` state (convert the state of the
+        transformation without it). Nothing is written then.
 
     References:
       `torch.optim.RMSprop
@@ -189,14 +207,15 @@ def from_keras(
         ``Conv2D`` kernels already have Flax's layout).
 
     Returns:
-      ``(tx, opt_state)``, continuing the optimizer's run.
+      ``(tx, opt_state)``, continuing the optimizer's run; the statistics keep the
+      parameters' dtype, as Keras's slots do.
 
     Raises:
       TypeError: ``optimizer`` is not a ``keras.optimizers.RMSprop``, or a leaf of
         ``keras_variables`` is not a ``keras.Variable``.
       ValueError: the optimizer is not built or has options the preset lacks; a variable
-        is not one of the optimizer's (or one of the optimizer's is missing); a slot's
-        shape is not its leaf's, naming the leaf.
+        is not one of the optimizer's (or one of the optimizer's is missing, or one is
+        there twice); a slot's shape is not its leaf's, naming the leaf.
 
     References:
       `keras.optimizers.RMSprop <https://keras.io/api/optimizers/rmsprop/>`_.
@@ -228,8 +247,10 @@ def to_keras(
 
     Raises:
       TypeError: as in :func:`from_keras`.
-      ValueError: as in :func:`from_keras`, or ``opt_state`` does not have the layout
-        the optimizer's settings give. Nothing is written then.
+      ValueError: as in :func:`from_keras`; ``opt_state`` does not have the layout
+        the optimizer's settings give, holds quantized statistics, or is a
+        :func:`rmsprop_jax.pack_small_leaves` state (as in :func:`to_torch`). Nothing is
+        written then.
 
     References:
       `keras.optimizers.RMSprop <https://keras.io/api/optimizers/rmsprop/>`_.
@@ -245,6 +266,14 @@ def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwar
     argument the two share (``learning_rate``, ``decay``, ``eps``, ``initial_scale``,
     ``eps_in_sqrt``, ``centered``, ``momentum``, ``nesterov``, ``bias_correction``).
 
+    ``nu_dtype``, ``mu_dtype`` and ``momentum_dtype`` may be added; they go to
+    ``rmsprop_jax.rmsprop`` only. A statistic stored in a narrower dtype or
+    :func:`rmsprop_jax.quantized` is then rounded to the nearest value it can hold
+    (nearest code, not stochastically: one rounding has the smallest error), so the
+    continued run is not exact: it differs by that rounding (at most :math:`2^{-8}` of
+    each value in ``bfloat16``, :math:`2^{-4}` in the default quantized map; see
+    :ref:`quantized-state`), which stays far below the jump of a fresh optimizer state.
+
     optax keeps a step count only with ``bias_correction`` or a learning-rate schedule,
     the two cases whose updates need one. Without either, the count restarts at 0 and
     ``total_weight`` is set to 1, the value of a long run, which only the saturation
@@ -253,18 +282,21 @@ def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwar
     Args:
       optax_state: the state of ``optax.rmsprop(**rmsprop_kwargs)``.
       params: the parameters.
-      **rmsprop_kwargs: the arguments of both optimizers.
+      **rmsprop_kwargs: the arguments of both optimizers, and the storage arguments of
+        ``rmsprop_jax.rmsprop``.
 
     Returns:
       The state of ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``.
 
     Raises:
-      TypeError: an argument that optax.rmsprop does not have, or no ``learning_rate``.
+      TypeError: an argument that is neither shared nor a storage argument, or no
+        ``learning_rate``.
       ValueError: ``optax_state`` does not have the layout of
         ``optax.rmsprop(**rmsprop_kwargs)`` for ``params`` (naming the mismatched leaf
-        when only a shape differs); or ``centered=True, bias_correction=True`` with a
-        count of 0, where optax's first step differs (see
-        :func:`rmsprop_jax.scale_by_centered_rms`).
+        when only a shape differs), or is a :func:`rmsprop_jax.pack_small_leaves` state;
+        ``centered=True, bias_correction=True`` with a count of 0, where optax's first
+        step differs (see :func:`rmsprop_jax.scale_by_centered_rms`); a non-finite value
+        for a quantized statistic, naming the leaf.
 
     References:
       `optax.rmsprop
@@ -289,12 +321,17 @@ def from_optax(optax_state: optax.OptState, params: optax.Params, **rmsprop_kwar
 def to_optax(opt_state: optax.OptState, params: optax.Params, **rmsprop_kwargs: Any) -> Any:
     """The state of ``optax.rmsprop`` that continues a :func:`rmsprop_jax.rmsprop` run.
 
-    The inverse of :func:`from_optax`, for the same arguments.
+    The inverse of :func:`from_optax`, for the same arguments. Statistics stored in a
+    narrower dtype are widened to optax's, and quantized ones dequantized with the code
+    map of their format (pass the ``nu_dtype``, ``mu_dtype`` or ``momentum_dtype`` the
+    state was made with): exact for what is stored, so optax continues what
+    ``rmsprop_jax.rmsprop`` with ``float32`` state would do from those values.
 
     Args:
       opt_state: the state of ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``.
       params: the parameters.
-      **rmsprop_kwargs: the arguments of both optimizers.
+      **rmsprop_kwargs: the arguments of both optimizers, and the storage arguments of
+        ``rmsprop_jax.rmsprop``.
 
     Returns:
       The state of ``optax.rmsprop(**rmsprop_kwargs)``.
@@ -303,7 +340,9 @@ def to_optax(opt_state: optax.OptState, params: optax.Params, **rmsprop_kwargs: 
       TypeError: as in :func:`from_optax`.
       ValueError: ``opt_state`` does not have the layout of
         ``rmsprop_jax.rmsprop(**rmsprop_kwargs)``, a statistic's shape is not its
-        parameter's, or the centered, bias-corrected state has a count of 0.
+        parameter's, or the centered, bias-corrected state has a count of 0; a quantized
+        statistic without its format among the arguments (naming the argument); a
+        :func:`rmsprop_jax.pack_small_leaves` state.
 
     References:
       `optax.rmsprop
