@@ -33,7 +33,10 @@ def _scale_by_learning_rate(
         def leaf(update: jax.Array) -> jax.Array:
             wide = _numerics.widen(update, _numerics.compute_dtype(update.dtype))
             product = wide * (-jnp.asarray(eta).astype(wide.dtype))
-            return _numerics.saturating_cast(product, update.dtype)
+            # The updates come from this package's transforms, which saturate them: within
+            # range, so a learning rate of at most 1 keeps the product within range.
+            in_range = _numerics.is_contraction(eta)
+            return _numerics.saturating_cast(product, update.dtype, in_range=in_range)
 
         return jax.tree.map(leaf, updates)
 

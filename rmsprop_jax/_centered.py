@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _numerics, _state, _validation
@@ -173,9 +172,9 @@ def scale_by_centered_rms(
                 mu_hat = _numerics.debias(new_mu, step.total_weight)
                 nu_hat = _numerics.debias(new_nu, step.total_weight)
             second_moment = _numerics.select(uncentered, nu_hat, _numerics.variance(nu_hat, mu_hat))
-            denom = _numerics.denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
+            update = _numerics.root_quotient(g_wide, second_moment, eps, eps_in_sqrt)
             return (
-                _numerics.saturating_cast(_numerics.safe_divide(g_wide, denom), g.dtype),
+                _numerics.saturating_cast(update, g.dtype),
                 stored_mu,
                 stored_nu,
             )

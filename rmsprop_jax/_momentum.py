@@ -54,7 +54,9 @@ def trace(
             # random bits from the values (_numerics.store). The update uses m as stored.
             stored_m, new_m = _numerics.store_and_reload(new_m, how, None, salts[0])
             update = v_wide + beta * new_m if nesterov else new_m
-            return _numerics.saturating_cast(update, v.dtype), stored_m
+            # Without Nesterov the update is m as reloaded, within its dtype's range.
+            in_range = not nesterov
+            return _numerics.saturating_cast(update, v.dtype, in_range=in_range), stored_m
 
         updates, new_trace = _numerics.map_unzip(leaf, 2, updates, state.trace)
         return updates, optax.TraceState(trace=new_trace)

@@ -173,15 +173,38 @@ def denominator(second_moment: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> 
     return jnp.sqrt(second_moment) + eps
 
 
-def safe_divide(numerator: jax.Array, denom: jax.Array) -> jax.Array:
+def safe_divide(numerator: jax.Array, denom: jax.Array, *, nonzero: bool = False) -> jax.Array:
     r"""``numerator / denom``, zero where ``denom`` is exactly zero.
 
     The quotient may exceed the range (e.g. :math:`g/\epsilon` with a tiny ``eps``
     outside the root); callers return it through :func:`saturating_cast`.
+    ``nonzero=True`` says that ``denom`` is known to have no zero, and leaves the test out.
     """
     denom = denom.astype(numerator.dtype)
+    if nonzero:
+        return numerator / denom
     positive = denom != 0
     return select(positive, numerator / select(positive, denom, 1), 0)
+
+
+def root_quotient(
+    numerator: jax.Array, second_moment: jax.Array, eps: jax.typing.ArrayLike, eps_in_sqrt: bool
+) -> jax.Array:
+    r"""``numerator`` over the :func:`denominator` of ``second_moment``, by :func:`safe_divide`.
+
+    ``second_moment`` is never negative, so with a concrete ``eps`` of at least the
+    smallest normal number of its dtype the denominator is at least
+    :math:`\min(\sqrt{\epsilon}, \epsilon) > 0` and the zero test is left out (a
+    subnormal ``eps`` does not count: XLA:CPU flushes subnormals to zero). A traced
+    ``eps`` keeps the test.
+    """
+    dtype = second_moment.dtype
+    # NumPy, not jnp: under jit jnp.asarray makes even a Python number a tracer.
+    nonzero = not isinstance(eps, jax.core.Tracer) and bool(
+        np.asarray(eps, dtype) >= jnp.finfo(dtype).tiny
+    )
+    denom = denominator(second_moment, jnp.asarray(eps, dtype), eps_in_sqrt)
+    return safe_divide(numerator, denom, nonzero=nonzero)
 
 
 def clip_finite(x: jax.Array) -> jax.Array:
@@ -200,17 +223,21 @@ def clip_finite(x: jax.Array) -> jax.Array:
     return lax.select(x > big, big, lax.select(x < low, low, x))
 
 
-def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
+def saturating_cast(x: jax.Array, dtype: Any, *, in_range: bool = False) -> jax.Array:
     """Casts ``x`` to ``dtype``, saturating at the ends of ``dtype``'s finite range.
 
     A value beyond that range (an infinity included) becomes its largest finite value
     of the same sign; NaN stays.
 
     Every statistic and update leaves a transform through here (the saturation rule).
+    ``in_range=True`` says that ``x`` already lies within its own dtype's finite range
+    (a statistic as reloaded from storage, or such a value times a factor of magnitude
+    at most 1, :func:`is_contraction`): a cast to that same dtype is then the identity
+    and emits no clip (six instructions per leaf fewer for XLA to compile).
     """
     dtype = jnp.dtype(dtype)
     if x.dtype == dtype:
-        return clip_finite(x)
+        return x if in_range else clip_finite(x)
     if jnp.iscomplexobj(x):
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"cannot cast complex {x.dtype} to real {dtype}")
@@ -219,6 +246,22 @@ def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
     if jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
         x = clip_magnitude(x, float(jnp.finfo(dtype).max))
     return x.astype(dtype)
+
+
+def is_contraction(factor: Any) -> bool:
+    """Whether ``factor`` is a concrete number of magnitude at most 1.
+
+    The product of such a factor and a value within a dtype's finite range stays within
+    it: the exact product is no larger in magnitude than the value, which is
+    representable, and rounding is monotone. A traced factor (a schedule's value, an
+    injected hyperparameter) is not known here, so it counts as not one.
+    """
+    if isinstance(factor, jax.core.Tracer) or np.ndim(factor) != 0:
+        return False
+    try:
+        return bool(abs(complex(np.asarray(factor))) <= 1)
+    except (TypeError, ValueError):
+        return False
 
 
 def clip_magnitude(x: jax.Array, bound: float) -> jax.Array:

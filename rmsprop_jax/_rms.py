@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _numerics, _state, _validation
@@ -135,8 +134,7 @@ def scale_by_rms(
             )
             stored_nu, new_nu = _numerics.store_and_reload(new_nu, how, step.count, salts[0])
             nu_hat = _numerics.debias(new_nu, step.total_weight) if bias_correction else new_nu
-            denom = _numerics.denominator(nu_hat, jnp.asarray(eps, dtype), eps_in_sqrt)
-            update = _numerics.safe_divide(g_wide, denom)
+            update = _numerics.root_quotient(g_wide, nu_hat, eps, eps_in_sqrt)
             return _numerics.saturating_cast(update, g.dtype), stored_nu
 
         updates, nu = _numerics.map_unzip(leaf, 2, updates, state.nu)

@@ -257,6 +257,30 @@ def test_quotient_beyond_the_range_saturates(eps_in_sqrt):
     np.testing.assert_allclose(np.asarray(u, np.float64), [min(expected, F32), -min(expected, F32)])
 
 
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+@pytest.mark.parametrize("centered", [False, True])
+def test_subnormal_eps_with_zero_state_gives_zero_not_nan(centered, eps_in_sqrt):
+    # eps = 1e-45 is subnormal in float32, and XLA:CPU flushes it to zero: with nu = 0 and
+    # g = 0 the denominator is 0, and 0 / 0 must give the 0 of the zero-denominator rule.
+    # (A concrete eps counts as keeping the denominator positive only from float32's
+    # smallest normal number up: _numerics.root_quotient.)
+    factory = rmsprop_jax.scale_by_centered_rms if centered else rmsprop_jax.scale_by_rms
+    tx = factory(0.9, 1e-45, eps_in_sqrt=eps_in_sqrt)
+    u, _ = jax.jit(tx.update)(jnp.zeros(2, jnp.float32), tx.init(jnp.zeros(2)))
+    np.testing.assert_array_equal(np.asarray(u), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_learning_rate_above_one_saturates_the_product(momentum):
+    # The first update of scale_by_rms (decay 0.9, nu_0 = 0) is g / sqrt(0.1 g^2) = sqrt(10)
+    # times sign(g), so a learning rate of 3e38 makes -9.5e38, beyond float32: it must
+    # saturate at -F, not become -inf (the product's clip is left out only for a learning
+    # rate of magnitude at most 1, _numerics.is_contraction).
+    tx = rmsprop_jax.rmsprop(3e38, 0.9, 0.0, momentum=momentum)
+    u, _ = jax.jit(tx.update)(jnp.ones(2, jnp.float32), tx.init(jnp.zeros(2)))
+    np.testing.assert_array_equal(np.asarray(u, np.float64), [-F32, -F32])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "complex64"])
 def test_variance_is_clamped_not_reflected(dtype):
     # A state with nu < |mu|^2 (rounding makes it, or a hand-built state): the variance
