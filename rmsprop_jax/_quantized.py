@@ -54,13 +54,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _rounding
+from rmsprop_jax import _opaque, _rounding
 
 SUPPORTED_BITS = (8,)
 CODE_MAPS = ("float", "linear")
 MANTISSA_BITS = 3  # significant bits after the leading one in the "float" map
 _F32 = jnp.dtype(jnp.float32)
 _ONE_BITS = 0x3F800000  # the bit pattern of float32 1.0
+_MAX_BITS = 0x7F7FFFFF  # the bit pattern of float32's largest finite value
+_SIGN_BIT = np.uint32(0x80000000)
 # The smallest positive value a positive code decodes to: the smallest normal float32
 # (XLA:CPU flushes subnormals to zero in arithmetic).
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -235,7 +237,11 @@ def _block_size_of(length: int, blocks: int) -> int:
 
 
 def _blocked(x: jax.Array, block_size: int) -> jax.Array:
-    """``x`` with its last axis split into ``(blocks, block_size)``, zero-padded."""
+    """``x`` with its last axis split into ``(blocks, block_size)``, zero-padded.
+
+    When the last axis is a multiple of ``block_size`` (the common case) this is a
+    reshape that costs nothing; otherwise the last block is padded with zeros.
+    """
     length = x.shape[-1]
     blocks = -(-length // block_size)
     if blocks * block_size != length:
@@ -244,16 +250,17 @@ def _blocked(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], blocks, block_size)
 
 
-def _per_element(scales: jax.Array, length: int) -> jax.Array:
-    """Each block's scale repeated over its elements: the codes' shape."""
-    blocks = scales.shape[-1]
-    block_size = _block_size_of(length, blocks)
-    full = jax.lax.broadcast_in_dim(
-        scales, (*scales.shape, block_size), tuple(range(scales.ndim))
-    ).reshape(*scales.shape[:-1], blocks * block_size)
-    if blocks * block_size != length:
-        full = jax.lax.slice_in_dim(full, 0, length, axis=-1)
-    return full
+def _unblocked(x: jax.Array, length: int) -> jax.Array:
+    """The inverse of :func:`_blocked`: the last two axes merged, the padding dropped."""
+    x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    if x.shape[-1] != length:
+        x = jax.lax.slice_in_dim(x, 0, length, axis=-1)
+    return x
+
+
+def _per_block(values: jax.Array, block_size: int) -> jax.Array:
+    """Per-block values (the scales' shape) repeated over each block's elements."""
+    return jax.lax.broadcast_in_dim(values, (*values.shape, block_size), tuple(range(values.ndim)))
 
 
 def _top(signed: bool) -> int:
@@ -308,16 +315,26 @@ def dequantize(leaf: QuantizedArray, code_map: str = "float") -> jax.Array:
     if code_map not in CODE_MAPS:
         raise ValueError(f"`code_map` must be one of {CODE_MAPS}, got {code_map!r}.")
     codes, scales = leaf.codes, leaf.scales
+    length = codes.shape[-1]
+    block_size = _block_size_of(length, scales.shape[-1])
     signed = jnp.issubdtype(codes.dtype, jnp.signedinteger)
-    wide = codes.astype(jnp.int32)
-    magnitude = jnp.abs(wide) if signed else wide
-    values = _map_values(magnitude, code_map, signed) * _per_element(
-        scales.astype(_F32), codes.shape[-1]
-    )
+    # Decoded in the blocked shape, where a block's scale is one broadcast value, with
+    # integer operations on the float32 bit patterns (cheaper on XLA:CPU than float
+    # max/select, which must order NaN and signed zeros).
+    wide = _blocked(codes, block_size).astype(jnp.int32)
+    magnitude = jax.lax.abs(wide) if signed else wide
+    scale = _per_block(scales.astype(_F32), block_size)
+    values = _bits(_map_values(magnitude, code_map, signed) * scale)
     if signed:
-        return jax.lax.select(wide < 0, -values, values)
-    # A positive code never decodes to 0, even where scale * value underflows.
-    return jax.lax.select(wide > 0, jax.lax.max(values, jax.lax.full_like(values, _TINY)), values)
+        # The sign bit of a negative int32 code is the sign bit of its value.
+        values = values | (jax.lax.bitcast_convert_type(wide, jnp.uint32) & _SIGN_BIT)
+    else:
+        # A positive code never decodes to 0, even where scale * value underflows: at
+        # least the smallest normal float32 (the values are >= 0, so their bit patterns
+        # order like them).
+        floor = jax.lax.min(wide, jnp.ones_like(wide)).astype(jnp.uint32) << np.uint32(23)
+        values = jax.lax.max(values, floor)
+    return _unblocked(jax.lax.bitcast_convert_type(values, _F32), length)
 
 
 def quantize(
@@ -340,20 +357,25 @@ def quantize(
       The :class:`QuantizedArray`.
     """
     length = x.shape[-1]
-    big = float(jnp.finfo(_F32).max)
-    x = jax.lax.clamp(np.float32(-big), x.astype(_F32), np.float32(big))
-    magnitude = jax.lax.abs(x)
-    scales = jax.lax.reduce_max(_blocked(magnitude, fmt.block_size), (x.ndim,))
-    scale = _per_element(scales, length)
-    positive = scale > 0
-    y = jax.lax.select(
-        positive,
-        magnitude / jax.lax.select(positive, scale, jnp.ones_like(scale)),
-        jnp.zeros_like(scale),
-    )
-    y = jax.lax.min(y, jnp.ones_like(y))
+    xb = _blocked(x.astype(_F32), fmt.block_size)
+    # |x| clipped to float32's range (an overflow of the cast included), on the bit
+    # pattern: for non-negative floats the integer order is the float order.
+    raw_x = _bits(xb)
+    magnitude_bits = jax.lax.min(raw_x & ~_SIGN_BIT, np.uint32(_MAX_BITS))
+    magnitude = jax.lax.bitcast_convert_type(magnitude_bits, _F32)
+    scales = _block_max(magnitude_bits)
+    # y = |x| / scale in [0, 1], as a multiplication by a per-block reciprocal: a division
+    # per element cost more than the rest of the coding, and XLA:CPU materialised its
+    # result (16 MB on a 4M-element leaf) rather than recompute it in each consumer.
+    prescale, reciprocal = _reciprocal(scales)
+    y = (magnitude * _per_block(prescale, fmt.block_size)) * _per_block(reciprocal, fmt.block_size)
+    raw = jax.lax.min(_bits(y), np.uint32(_ONE_BITS))  # y clipped to 1 (rounding)
+    y = jax.lax.bitcast_convert_type(raw, _F32)
     top = _top(signed)
     smallest = np.float32(smallest_value(fmt.code_map, signed))
+    if bits is not None:
+        bits = _blocked(bits, fmt.block_size)
+    positive = magnitude > 0
     # Uniform in [0, 1) from the top 24 random bits, for the rounding below the smallest
     # code and for the linear map; the float map adds the top bits below its last place.
     if fmt.code_map == "linear":
@@ -364,37 +386,101 @@ def quantize(
         else:
             up = _uniform(bits) < q - low
         code = low.astype(jnp.int32) + up.astype(jnp.int32)
+        code = jax.lax.min(code, jnp.full_like(code, top))  # q <= top: a guard
+        if not signed:  # a positive nu is never stored as 0
+            code = jax.lax.select(positive, jax.lax.max(code, jnp.ones_like(code)), code)
     else:
-        shift = 23 - MANTISSA_BITS
-        raw = jax.lax.bitcast_convert_type(y, jnp.uint32)
+        shift = np.uint32(23 - MANTISSA_BITS)
         if bits is None:
-            noise = jnp.full_like(raw, 1 << (shift - 1))
+            noise = jnp.full_like(raw, 1 << (23 - MANTISSA_BITS - 1))
         else:
-            noise = bits >> np.uint32(32 - shift)
-        code = ((raw + noise) >> np.uint32(shift)).astype(jnp.int32) - np.int32(
-            _float_offset(signed)
-        )
-        # Below the smallest positive code: round between 0 and it (signed), or up to it
-        # (unsigned: a positive nu is never stored as 0).
+            noise = bits >> np.uint32(32 - (23 - MANTISSA_BITS))
+        # The float map's codes are the top bits of y's pattern, offset: adding the noise
+        # below the last kept bit and truncating rounds up with probability equal to the
+        # discarded fraction (or to nearest, with half a unit). y <= 1 keeps the result
+        # at most ``top``.
+        offset = np.uint32(_float_offset(signed))
+        rounded = (raw + noise) >> shift
         if signed:
+            # Below the smallest positive code: round between 0 and it.
             if bits is None:
                 up = y >= smallest * np.float32(0.5)
             else:
                 up = _uniform(bits) * smallest < y
-            small = up.astype(jnp.int32)
+            code = jax.lax.select(y < smallest, up.astype(jnp.uint32), rounded - offset).astype(
+                jnp.int32
+            )
         else:
-            small = jnp.ones_like(code)
-        code = jax.lax.select(y < smallest, small, code)
-    if not signed:
-        positive_x = magnitude > 0
-        code = jax.lax.select(
-            positive_x, jax.lax.max(code, jnp.ones_like(code)), jnp.zeros_like(code)
-        )
-    code = jax.lax.clamp(np.int32(0), code, np.int32(top))
+            # Below the smallest positive code: up to it (a positive nu is never stored
+            # as 0); an exact zero is code 0.
+            lowest = jnp.full_like(rounded, offset + 1)
+            code = jax.lax.select(
+                positive, jax.lax.max(rounded, lowest) - offset, jnp.zeros_like(rounded)
+            ).astype(jnp.int32)
     if signed:
-        code = jax.lax.select(x < 0, -code, code)
-        return QuantizedArray(code.astype(jnp.int8), scales)
-    return QuantizedArray(code.astype(jnp.uint8), scales)
+        code = jax.lax.select(raw_x >= _SIGN_BIT, -code, code)
+        codes = code.astype(jnp.int8)
+    else:
+        codes = code.astype(jnp.uint8)
+    return QuantizedArray(_materialised(_unblocked(codes, length)), scales)
+
+
+def _block_max(magnitude_bits: jax.Array) -> jax.Array:
+    """The largest value of each block (the last axis), from non-negative float32 patterns.
+
+    First the largest of each run of 8 neighbours, as int32 (non-negative floats order like
+    their bit patterns), then of those per block as float32. XLA:CPU fuses the first step
+    with the computation of the values and vectorises it, so the values are never written
+    to memory; a float32 max over whole blocks became a separate library kernel that read
+    them back after they were written out. The second step is in float32 because XLA merges
+    two int32 max-reductions into one, which it then runs as a slow reduce-window.
+    """
+    wide = jax.lax.bitcast_convert_type(magnitude_bits, jnp.int32)
+    block_size = wide.shape[-1]
+    group = min(block_size, 8)
+    grouped = wide.reshape(*wide.shape[:-1], block_size // group, group)
+    partial = jax.lax.bitcast_convert_type(jax.lax.reduce_max(grouped, (grouped.ndim - 1,)), _F32)
+    return jax.lax.reduce_max(partial, (partial.ndim - 1,))
+
+
+def _materialised(codes: jax.Array) -> jax.Array:
+    """``codes``, computed once and read back from memory by every consumer.
+
+    The reload of a stored statistic decodes its codes, and without this XLA:CPU fused the
+    whole quantization (the statistic's update, the rounding bits, the coding) into each
+    consumer of the decoded values instead of reading the one-byte codes: twice in a plain
+    step, and with centered RMSProp and momentum, whose statistics feed one another, up to
+    nine times. XLA sees through an optimization barrier and an identity ``lax.cond``, not
+    through a ``lax.cond`` on a predicate computed at run time (always true) whose other
+    branch differs.
+    """
+    (keep,) = _opaque.runtime_values([True])
+    return jax.lax.cond(keep, lambda c: c, jnp.zeros_like, codes)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The uint32 bit pattern of float32 ``x``."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _reciprocal(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per block, ``(a, r)`` with ``a`` a power of two: ``(|x| * a) * r`` is ``|x| / s``.
+
+    ``r`` is ``1 / (a s)`` rounded up, so that the block's largest element gets 1 (after
+    clipping to 1) and its top code exactly. ``a`` is ``2^-64`` for a scale above
+    ``2^64`` and 1 otherwise: ``1 / s`` of a scale near float32's maximum is subnormal,
+    which XLA:CPU flushes to zero. Elements that ``a`` flushes to zero are more than
+    ``2^126`` times smaller than their block's scale, far below any code. A block whose
+    scale is 0 or subnormal (flushed) gets ``r = 0``: it holds zeros or values the caller
+    stores as 0 or as the smallest code.
+    """
+    usable = scales >= np.float32(_TINY)
+    prescale = jax.lax.select(
+        scales > np.float32(2.0**64), jnp.full_like(scales, 2.0**-64), jnp.ones_like(scales)
+    )
+    r = 1 / jax.lax.select(usable, scales * prescale, jnp.ones_like(scales))
+    r = jax.lax.bitcast_convert_type(_bits(r) + np.uint32(1), _F32)  # rounded up
+    return prescale, jax.lax.select(usable, r, jnp.zeros_like(r))
 
 
 def _uniform(bits: jax.Array) -> jax.Array:
