@@ -123,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quantized_study = state_precision.compare_quantized(steps=300 if args.quick else 2000)
     maps = formulations.map_accuracy(size=2**16 if args.quick else 2**20)
     packings = packing.compare(leaves=100 if args.quick else 1000, repeats=3 if args.quick else 9)
+    sizes = packing.compare_sizes(
+        (256, 4096) if args.quick else (64, 256, 1024, 2048, 4096, 16384, 65536),
+        repeats=3 if args.quick else 15,
+        elements=2**16 if args.quick else 2**22,
+    )
     step_formulations = formulations.compare(
         size=2**20 if args.quick else 16 * 2**20, repeats=3 if args.quick else 9
     )
@@ -155,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n\n"
         + packing.format_table(packings)
         + "\n\n"
+        + packing.format_sizes_table(sizes)
+        + "\n\n"
         + state_precision.format_table(study)
         + "\n\n"
         + state_precision.format_quantized_table(quantized_study)
@@ -180,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "formulations": step_formulations,
         "runtime_checks": checks,
         "packing": packings,
+        "packing_sizes": sizes,
         "quantized_state_precision": quantized_study,
         "map_accuracy": maps,
     }

@@ -18,6 +18,10 @@ donated, in these formulations:
 
 XLA:CPU compiles one kernel per distinct fused computation; a constant offset makes every
 leaf's slicing kernel distinct, which is what the run-time offsets avoid.
+
+:func:`compare_sizes` times ``rmsprop_jax.pack_small_leaves(rmsprop_jax.rmsprop(...))``
+against the unpacked step on trees of equal leaves of one size, to show up to which leaf
+size packing pays (the default ``max_leaf_size``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
+import rmsprop_jax
 from benchmarks.train_step import small_leaf_shapes
 
 
@@ -167,6 +173,64 @@ def format_table(results: dict[str, Any]) -> str:
         f"Step times: medians of {results['repeats']} interleaved rounds; one compilation per "
         "row with JAX's caches cleared.",
     ]
+    return "\n".join(lines)
+
+
+def compare_sizes(sizes: tuple[int, ...], repeats: int, elements: int = 2**22) -> dict[str, Any]:
+    """Packed against unpacked ``rmsprop_jax.rmsprop`` steps on trees of equal leaves.
+
+    For each size, a tree of ``elements / size`` leaves (between 20 and 400) of that size;
+    the packed step packs every leaf (``max_leaf_size=size``). Medians of interleaved rounds.
+    """
+    rows = []
+    for size in sizes:
+        count = max(20, min(400, elements // size))
+        params = {f"leaf{i:03d}": jnp.zeros((size,), jnp.float32) for i in range(count)}
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+        runs: dict[str, list[Any]] = {}
+        contenders = {
+            "unpacked": rmsprop_jax.rmsprop(1e-3),
+            "packed": rmsprop_jax.pack_small_leaves(rmsprop_jax.rmsprop(1e-3), max_leaf_size=size),
+        }
+        for name, tx in contenders.items():
+
+            def step(p: Any, s: Any, g: Any, tx: optax.GradientTransformation = tx) -> Any:
+                updates, s = tx.update(g, s, p)
+                return optax.apply_updates(p, updates), s
+
+            state = tx.init(params)
+            compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+            runs[name] = [compiled, (jax.tree.map(jnp.copy, params), state)]
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for name in list(runs) if round_ % 2 else list(runs)[::-1]:
+                compiled, (p, s) = runs[name]
+                tick = time.perf_counter()
+                for _ in range(3):
+                    p, s = compiled(p, s, grads)
+                jax.block_until_ready(p)
+                if round_:
+                    samples[name].append((time.perf_counter() - tick) / 3)
+                runs[name][1] = (p, s)
+        packed, unpacked = (statistics.median(samples[k]) for k in ("packed", "unpacked"))
+        rows.append({"size": size, "leaves": count, "packed_s": packed, "unpacked_s": unpacked})
+    return {"repeats": repeats, "rows": rows}
+
+
+def format_sizes_table(results: dict[str, Any]) -> str:
+    """Markdown: packed and unpacked step time by leaf size."""
+    lines = [
+        "#### pack_small_leaves by leaf size (plain rmsprop, every leaf packed)",
+        "",
+        "| leaf size | leaves | unpacked ms | packed ms | packed / unpacked |",
+        "|--:|--:|--:|--:|--:|",
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['size']} | {row['leaves']} | {row['unpacked_s'] * 1e3:.2f} | "
+            f"{row['packed_s'] * 1e3:.2f} | {row['packed_s'] / row['unpacked_s']:.2f} |"
+        )
+    lines += ["", f"Medians of {results['repeats']} interleaved rounds of 3 steps."]
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ Part of ``python -m benchmarks``. A step is ``update`` then ``optax.apply_update
 passed in each step. PyTorch runs ``optimizer.step()`` with the same gradients assigned once to
 ``.grad``, with ``foreach=True`` and ``foreach=False`` (when torch is importable).
 ``pack_small_leaves`` is ``rmsprop_jax.pack_small_leaves(rmsprop_jax.rmsprop(...))`` (leaves of
-at most 4,096 elements packed into one buffer per dtype); ``optax.flatten(optax)`` is
+at most 1,024 elements packed into one buffer per dtype); ``optax.flatten(optax)`` is
 ``optax.flatten(optax.rmsprop(...))`` (every leaf packed into one vector).
 
 The trees (:func:`trees`): a transformer-shaped tree (~40M parameters in ~150 leaves), trees of
