@@ -369,8 +369,10 @@ def quantize(
     # result (16 MB on a 4M-element leaf) rather than recompute it in each consumer.
     prescale, reciprocal = _reciprocal(scales)
     y = (magnitude * _per_block(prescale, fmt.block_size)) * _per_block(reciprocal, fmt.block_size)
-    raw = jax.lax.min(_bits(y), np.uint32(_ONE_BITS))  # y clipped to 1 (rounding)
-    y = jax.lax.bitcast_convert_type(raw, _F32)
+    # y exceeds 1 by at most two units in the last place (the block's largest element and
+    # those within an ulp of it); the float map's code of such a y is the top one, and the
+    # linear map's is capped at the top below.
+    raw = _bits(y)
     top = _top(signed)
     smallest = np.float32(smallest_value(fmt.code_map, signed))
     if bits is not None:
@@ -386,7 +388,7 @@ def quantize(
         else:
             up = _uniform(bits) < q - low
         code = low.astype(jnp.int32) + up.astype(jnp.int32)
-        code = jax.lax.min(code, jnp.full_like(code, top))  # q <= top: a guard
+        code = jax.lax.min(code, jnp.full_like(code, top))  # y (so q) may pass 1 (top)
         if not signed:  # a positive nu is never stored as 0
             code = jax.lax.select(positive, jax.lax.max(code, jnp.ones_like(code)), code)
     else:

@@ -279,6 +279,45 @@ def test_block_maxima_and_zeros_are_stored_exactly():
     np.testing.assert_array_equal(np.asarray(rmsprop_jax.dequantize(state.nu)), expected.nu)
 
 
+@pytest.mark.parametrize("code_map", ["float", "linear"])
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_every_block_maximum_gets_the_top_code_at_any_scale(code_map, signed, stochastic):
+    # The coding multiplies by a per-block reciprocal instead of dividing: the largest
+    # element of every block must still decode to itself exactly, including blocks whose
+    # scale is near float32's largest value (1 / scale is subnormal there, which XLA:CPU
+    # flushes to zero) and small ones (all elements normal: XLA:CPU treats subnormal inputs
+    # as zero); the other elements stay within the map's bounds.
+    rng = np.random.default_rng(3)
+    rows = 512
+    exponents = np.concatenate([rng.uniform(-35.5, 38.5, rows - 3), [38.53, 38.5, -35.7]])
+    scale = (10.0**exponents).astype(np.float32)
+    scale[0] = np.finfo(np.float32).max
+    x = scale[:, None] * rng.uniform(0.02, 1.0, (rows, 64)).astype(np.float32)
+    column = rng.integers(0, 64, rows)
+    x[np.arange(rows), column] = scale  # each block's maximum, at a random place
+    if signed:
+        x[:, ::2] *= -1
+    fmt = rmsprop_jax.quantized(block_size=64, code_map=code_map)
+    bits = bits_for(x.shape, 5) if stochastic else None
+    leaf = _quantized.quantize(jnp.asarray(x), fmt, signed=signed, bits=bits)
+    np.testing.assert_array_equal(np.asarray(leaf.scales)[:, 0], scale)
+    decoded = np.asarray(rmsprop_jax.dequantize(leaf, code_map))
+    np.testing.assert_array_equal(decoded[np.arange(rows), column], x[np.arange(rows), column])
+    error = np.abs(decoded.astype(np.float64) - x) / np.abs(x.astype(np.float64))
+    # The smallest element is 0.02 of its block's scale: a relative 2^-3 (float map) or
+    # (1/127) / 0.02 (linear, signed) at most.
+    assert np.all(np.isfinite(decoded))
+    assert error.max() <= (2.0**-3 if code_map == "float" else (1 / 127) / 0.02) * (1 + 1e-6)
+    if stochastic:
+        # All-zero random bits round every fraction up: a block maximum whose y = |x| * r is
+        # an ulp above 1 (most scales: r is 1 / scale rounded up) must still get the top code.
+        zeros = jnp.zeros(x.shape, jnp.uint32)
+        leaf = _quantized.quantize(jnp.asarray(x), fmt, signed=signed, bits=zeros)
+        decoded = np.asarray(rmsprop_jax.dequantize(leaf, code_map))
+        np.testing.assert_array_equal(decoded[np.arange(rows), column], x[np.arange(rows), column])
+
+
 # --- the transforms with quantized state ------------------------------------------------------
 
 Q = rmsprop_jax.quantized(min_size=0)  # every leaf quantized, blocks of 256
