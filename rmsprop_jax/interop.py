@@ -19,10 +19,13 @@ from_keras     :func:`presets.keras`           ``velocities`` -> ``nu``,
                                                ``-momentums`` -> ``trace``,
                                                ``iterations`` -> ``count``
 from_optax     :func:`rmsprop_jax.rmsprop`     ``nu``, ``mu``, ``trace``, ``count``
+from_tf1       :func:`presets.tf1`             ``rms`` -> ``nu``, ``mg`` -> ``mu``,
+                                               ``-momentum`` -> ``trace``
 =============  ==============================  ============================================
 
 No conversion here needs the learning rate: each transformation puts it where the
-framework does (after the momentum buffer for PyTorch, inside it for Keras and optax).
+framework does (after the momentum buffer for PyTorch, inside it for Keras, optax and
+TF1).
 The transformation's learning rate is the optimizer's current rate, a constant, so the
 continued runs agree as long as the rate stays the same on both sides. PyTorch and
 Keras are imported only inside these functions; ``import rmsprop_jax.interop`` does not
@@ -44,15 +47,24 @@ refused by every function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import optax
 
-from rmsprop_jax import _interop_keras, _interop_optax, _interop_torch
+from rmsprop_jax import _interop_keras, _interop_optax, _interop_tf1, _interop_torch
 
-__all__ = ["from_keras", "from_optax", "from_torch", "to_keras", "to_optax", "to_torch"]
+__all__ = [
+    "from_keras",
+    "from_optax",
+    "from_tf1",
+    "from_torch",
+    "to_keras",
+    "to_optax",
+    "to_tf1",
+    "to_torch",
+]
 
 Convert = Callable[[np.ndarray, Any, Any], Any]
 
@@ -360,3 +372,108 @@ def to_optax(opt_state: optax.OptState, params: optax.Params, **rmsprop_kwargs: 
       ScaleByRStdDevState [0.05 0.05]
     """
     return _interop_optax.to_optax(opt_state, params, rmsprop_kwargs)
+
+
+def from_tf1(
+    slots: Mapping[str, Any], params: optax.Params, *, step: int | None = None, **tf1_kwargs: Any
+) -> Any:
+    r"""The state of :func:`rmsprop_jax.presets.tf1` that continues a TF1 RMSProp run.
+
+    ``presets.tf1(**tf1_kwargs)`` with this state continues what
+    ``tf.compat.v1.train.RMSPropOptimizer(**tf1_kwargs)`` would do with ``slots``.
+    TensorFlow is not needed: the slots are NumPy arrays, read from the optimizer with
+    ``optimizer.get_slot(var, name)`` (or from a checkpoint, where they are named
+    ``<var>/RMSProp``, ``<var>/RMSProp_1`` for ``momentum`` and ``<var>/RMSProp_2`` for
+    ``mg``, in TF1's order of creation).
+
+    .. warning::
+       TF1 starts ``rms`` at **one**, not zero; the preset does too
+       (``initial_scale=1``), so the slot is copied as it is. The ``momentum`` slot holds
+       the learning rate (TF1 multiplies the rate in before adding to the buffer) and is
+       subtracted from the variable; the preset adds its trace, so the trace is
+       ``-momentum``, and the run continues exactly only while the rate stays the
+       same on both sides.
+
+    Args:
+      slots: ``{"rms": tree, "momentum": tree, "mg": tree}``, each tree with the
+        structure of ``params`` and NumPy arrays of its leaves' shapes; ``mg`` is needed
+        when ``centered``, ``momentum`` when the momentum is not 0 (otherwise it is
+        ignored: TF1 multiplies it by 0).
+      params: the parameters.
+      step: TF1's ``global_step`` at the switch: the count of the state, which a
+        learning-rate schedule reads. Without it the count starts at 0 (a schedule is
+        then refused), which the update does not otherwise read.
+      **tf1_kwargs: the arguments of :func:`rmsprop_jax.presets.tf1` (those of TF1's
+        ``RMSPropOptimizer``: ``learning_rate``, ``decay``, ``momentum``, ``epsilon``,
+        ``centered``).
+
+    Returns:
+      The state of ``presets.tf1(**tf1_kwargs)``.
+
+    Raises:
+      TypeError: an argument that presets.tf1 does not have, or ``slots`` is not a
+        mapping.
+      ValueError: a slot the settings need is missing, a slot is not TF1's, a slot's
+        tree does not have the structure of ``params`` or a shape differs (naming the
+        leaf); a schedule without ``step``.
+
+    References:
+      `tf.compat.v1.train.RMSPropOptimizer
+      <https://www.tensorflow.org/api_docs/python/tf/compat/v1/train/RMSPropOptimizer>`_.
+
+    Example:
+      One TF1 step (``rms`` from 1) written in NumPy, the next step in JAX:
+
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from rmsprop_jax import interop, presets
+      >>> g = np.array([0.5, -2.0], np.float32)
+      >>> rms = 1.0 + (g * g - 1.0) * 0.1
+      >>> mom = 0.01 * g / np.sqrt(rms + 1e-10)
+      >>> params = {"w": jnp.array([1.0, 1.0]) - mom}
+      >>> kwargs = dict(learning_rate=0.01, momentum=0.9)
+      >>> state = interop.from_tf1({"rms": {"w": rms}, "momentum": {"w": mom}}, params, **kwargs)
+      >>> print(state[0].nu["w"], state[2].trace["w"].round(5))
+      [0.925 1.3  ] [-0.0052   0.01754]
+    """
+    return _interop_tf1.from_tf1(slots, params, step, tf1_kwargs)
+
+
+def to_tf1(opt_state: optax.OptState, params: optax.Params, **tf1_kwargs: Any) -> dict[str, Any]:
+    """The TF1 RMSProp slots that continue a :func:`rmsprop_jax.presets.tf1` run.
+
+    The inverse of :func:`from_tf1`: assign each array to its slot
+    (``optimizer.get_slot(var, name).assign(array)``) and ``global_step`` to the
+    state's count.
+
+    Args:
+      opt_state: the state of ``presets.tf1(**tf1_kwargs)``.
+      params: the parameters.
+      **tf1_kwargs: the arguments of :func:`rmsprop_jax.presets.tf1`.
+
+    Returns:
+      ``{"rms": tree, "momentum": tree}``, and ``"mg"`` when ``centered``: NumPy arrays
+      shaped like ``params``. With a momentum of 0 the preset keeps no buffer and
+      ``momentum`` is zeros (TF1 multiplies it by 0).
+
+    Raises:
+      TypeError: an argument that presets.tf1 does not have.
+      ValueError: ``opt_state`` does not have the layout of ``presets.tf1(**tf1_kwargs)``
+        (another ``centered`` or ``momentum``, or other parameters), holds quantized
+        statistics, or is a :func:`rmsprop_jax.pack_small_leaves` state.
+
+    References:
+      `tf.compat.v1.train.RMSPropOptimizer
+      <https://www.tensorflow.org/api_docs/python/tf/compat/v1/train/RMSPropOptimizer>`_.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from rmsprop_jax import interop, presets
+      >>> tx = presets.tf1(learning_rate=0.01, centered=True)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> _, state = tx.update({"w": jnp.array([0.5, 0.5])}, tx.init(params))
+      >>> slots = interop.to_tf1(state, params, learning_rate=0.01, centered=True)
+      >>> print(slots["rms"]["w"].round(4), slots["mg"]["w"].round(4))
+      [0.925 0.925] [0.05 0.05]
+    """
+    return _interop_tf1.to_tf1(opt_state, params, tf1_kwargs)

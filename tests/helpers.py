@@ -8,6 +8,9 @@
   through (:class:`Config` builds each with given hyperparameters); :func:`tree_params`,
   :func:`tree_grads` and :func:`train`: a two-layer parameter tree and a jitted training
   loop, for the tests of rmsprop inside optax's combinators.
+* :class:`Tf1Reference`: TF1's ``RMSPropOptimizer`` one step at a time in float64, its
+  slots (``rms`` from 1, ``mg``, ``momentum`` with the learning rate inside) exposed,
+  for the conversions of TF1 state.
 * :data:`OPTAX_CONFIGS`: every flag combination that ``optax.rmsprop`` shares with
   ``rmsprop_jax.rmsprop`` (:data:`OPTAX_CONFIGS_SAME_FROM_STEP_0`: those whose first
   step is also the same), for the equivalence tests and the optax conversions.
@@ -208,6 +211,71 @@ def reference(
         out["product"].append(loop.product)
         out["condition"].append(loop.condition)
     return out
+
+
+class Tf1Reference:
+    """TF1 ``tf.compat.v1.train.RMSPropOptimizer`` in float64, one step at a time, on a tree.
+
+    ``tensorflow/core/kernels/training_ops.cc``, ``ApplyRMSProp`` and
+    ``ApplyCenteredRMSProp``; ``tensorflow/python/training/rmsprop.py`` makes the ``rms``
+    slot with a ones initializer and ``momentum``, ``mg`` with zeros::
+
+        rms <- rms + (g^2 - rms) (1 - decay)
+        mg  <- mg + (g - mg) (1 - decay)                            (centered)
+        mom <- momentum mom + lr g / sqrt(rms - mg^2 + epsilon)     (centered)
+        mom <- momentum mom + lr g / sqrt(rms + epsilon)            (otherwise)
+        var <- var - mom
+
+    :attr:`slots` maps ``"rms"``, ``"mg"``, ``"momentum"`` to trees like the parameters;
+    pass ``slots`` to start from another run's.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        decay: float = 0.9,
+        momentum: float = 0.0,
+        epsilon: float = 1e-10,
+        centered: bool = False,
+        slots: dict[str, Any] | None = None,
+    ):
+        self.decay, self.momentum, self.epsilon, self.centered = decay, momentum, epsilon, centered
+        self.params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+        if slots is None:
+            slots = {
+                "rms": jax.tree.map(np.ones_like, self.params),
+                "mg": jax.tree.map(np.zeros_like, self.params),
+                "momentum": jax.tree.map(np.zeros_like, self.params),
+            }
+        self.slots = {
+            k: jax.tree.map(lambda x: np.asarray(x, np.float64), v) for k, v in slots.items()
+        }
+
+    def step(self, grads: Any, learning_rate: float) -> Any:
+        """One ``apply_gradients``; returns the parameters after it."""
+        rho, beta, eps, lr = self.decay, self.momentum, self.epsilon, float(learning_rate)
+
+        def leaf(w, g, rms, mg, mom):
+            g = np.asarray(g, np.float64)
+            rms = rms + (g * g - rms) * (1 - rho)
+            if self.centered:
+                mg = mg + (g - mg) * (1 - rho)
+                denominator = np.sqrt(rms - mg * mg + eps)
+            else:
+                denominator = np.sqrt(rms + eps)
+            mom = beta * mom + lr * g / denominator
+            return w - mom, rms, mg, mom
+
+        mg = self.slots.get("mg", jax.tree.map(np.zeros_like, self.params))
+        mom = self.slots.get("momentum", jax.tree.map(np.zeros_like, self.params))
+        out = jax.tree.map(leaf, self.params, grads, self.slots["rms"], mg, mom)
+        is_out = lambda x: isinstance(x, tuple)  # noqa: E731
+        self.params, rms, mg, mom = (
+            jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_out) for i in range(4)
+        )
+        self.slots = {"rms": rms, "mg": mg, "momentum": mom}
+        return self.params
 
 
 # --- gradients and runs ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import OPTAX_CONFIGS, worker_env
+from helpers import OPTAX_CONFIGS, Tf1Reference, worker_env
 
 import rmsprop_jax
 from rmsprop_jax import interop, presets
@@ -360,6 +360,107 @@ def test_optax_both_directions(i_config):
     theirs, _ = _optax_run(theirs_tx, switch_ours, back, grads[N:])
     ours, _ = _optax_run(ours_tx, switch_ours, ours_state, grads[N:])
     check("rmsprop_jax->optax", theirs, ours)
+
+
+# --- TF1 (no TensorFlow: a float64 loop of its kernels, helpers.Tf1Reference) ----------------
+
+TF1_CONFIGS = {
+    "defaults": dict(learning_rate=0.01),
+    "momentum": dict(learning_rate=0.01, momentum=0.9),
+    "centered": dict(learning_rate=0.01, centered=True),
+    "centered,momentum": dict(
+        learning_rate=0.003, decay=0.8, momentum=0.5, epsilon=1e-6, centered=True
+    ),
+    "schedule,momentum": dict(
+        learning_rate=optax.linear_schedule(0.02, 0.002, N + M), momentum=0.9, centered=True
+    ),
+}
+
+
+def _tf1_rate(kwargs, t):
+    rate = kwargs["learning_rate"]
+    return float(rate(t)) if callable(rate) else rate
+
+
+def _tf1_settings(kwargs):
+    return {k: v for k, v in kwargs.items() if k != "learning_rate"}
+
+
+def _as_float32(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+@pytest.mark.parametrize("name", list(TF1_CONFIGS))
+def test_tf1_run_continues_in_jax(name):
+    kwargs = TF1_CONFIGS[name]
+    params, grads = make_params(), make_grads(N + M)
+    tf1 = Tf1Reference(params, **_tf1_settings(kwargs))
+    for t in range(N):
+        tf1.step(grads[t], _tf1_rate(kwargs, t))
+    switch, slots = _as_float32(tf1.params), _as_float32(tf1.slots)  # as TF1 holds them
+    state = interop.from_tf1(slots, switch, step=N, **kwargs)
+    ours, _ = jax_steps(presets.tf1(**kwargs), switch, state, grads[N:])
+    tf1 = Tf1Reference(switch, **_tf1_settings(kwargs), slots=slots)
+    for t in range(N, N + M):
+        tf1.step(grads[t], _tf1_rate(kwargs, t))
+    check(f"tf1->jax {name}", ours, tf1.params)
+
+
+@pytest.mark.parametrize("name", list(TF1_CONFIGS))
+def test_jax_run_continues_in_tf1(name):
+    kwargs = TF1_CONFIGS[name]
+    params, grads = make_params(), make_grads(N + M)
+    tx = presets.tf1(**kwargs)
+    switch, state = jax_steps(tx, params, tx.init(params), grads[:N])
+    slots = interop.to_tf1(state, switch, **kwargs)
+    assert set(slots) == {"rms", "momentum"} | ({"mg"} if kwargs.get("centered") else set())
+    assert int(state[0].count) == N  # TF1's global_step
+    tf1 = Tf1Reference(switch, **_tf1_settings(kwargs), slots=slots)
+    for t in range(N, N + M):
+        tf1.step(grads[t], _tf1_rate(kwargs, t))
+    ours, _ = jax_steps(tx, switch, state, grads[N:])
+    check(f"jax->tf1 {name}", tf1.params, ours)
+
+
+def test_tf1_round_trip_of_the_slots_is_exact():
+    kwargs = TF1_CONFIGS["centered,momentum"]
+    params, grads = make_params(), make_grads(N)
+    tf1 = Tf1Reference(params, **_tf1_settings(kwargs))
+    for t in range(N):
+        tf1.step(grads[t], _tf1_rate(kwargs, t))
+    slots = _as_float32(tf1.slots)
+    back = interop.to_tf1(interop.from_tf1(slots, params, **kwargs), params, **kwargs)
+    for name in slots:
+        for a, b in zip(jax.tree.leaves(back[name]), jax.tree.leaves(slots[name])):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_tf1_bad_input():
+    params = make_params()
+    ones = jax.tree.map(np.ones_like, params)
+    with pytest.raises(ValueError, match=r"`slots` has no 'mg', which the settings need"):
+        interop.from_tf1({"rms": ones}, params, learning_rate=0.1, centered=True)
+    with pytest.raises(ValueError, match=r"`slots` has no 'momentum'"):
+        interop.from_tf1({"rms": ones}, params, learning_rate=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"\['rmsprop'\], which are not slots of TF1's"):
+        interop.from_tf1({"rms": ones, "rmsprop": ones}, params, learning_rate=0.1)
+    wrong = {"rms": dict(ones, dense={"kernel": np.ones((4, 5)), "bias": np.ones(4)})}
+    with pytest.raises(
+        ValueError,
+        match=r"slot 'rms' of leaf \['dense'\]\['kernel'\] has shape \(4, 5\), "
+        r"the parameter \(5, 4\)",
+    ):
+        interop.from_tf1(wrong, params, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"`slots\['rms'\]` must have the tree structure"):
+        interop.from_tf1({"rms": {"conv": ones["conv"]}}, params, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"a learning-rate schedule needs `step`"):
+        interop.from_tf1({"rms": ones}, params, learning_rate=optax.constant_schedule(0.1))
+    with pytest.raises(TypeError, match=r"`slots` must be a mapping of slot names to trees"):
+        interop.from_tf1([ones], params, learning_rate=0.1)
+    with pytest.raises(TypeError, match=r"rho"):
+        interop.from_tf1({"rms": ones}, params, learning_rate=0.1, rho=0.9)
+    with pytest.raises(ValueError, match=r"does not have the layout of presets.tf1\(centered=True"):
+        interop.to_tf1(presets.tf1(0.1).init(params), params, learning_rate=0.1, centered=True)
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -756,6 +857,9 @@ def test_packed_states_are_refused(keras):
     ).init(params)
     with pytest.raises(ValueError, match=r"`to_optax`: `opt_state` " + match):
         interop.to_optax(packed, params, learning_rate=0.1)
+    packed = rmsprop_jax.pack_small_leaves(presets.tf1(0.1)).init(params)
+    with pytest.raises(ValueError, match=r"`to_tf1`: `opt_state` " + match):
+        interop.to_tf1(packed, params, learning_rate=0.1)
     packed = rmsprop_jax.pack_small_leaves(optax.rmsprop(0.1)).init(params)
     with pytest.raises(ValueError, match=r"`from_optax`: `optax_state` " + match):
         interop.from_optax(packed, params, learning_rate=0.1)
