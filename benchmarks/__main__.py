@@ -145,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Trees: {described}.",
         f"Streaming bandwidth (jitted in-place x*a+b on {scale.bandwidth_mb} MB, median of "
         f"{len(bandwidth['seconds'])}): {gbps:.1f} GB/s. Roofline: 20 bytes per parameter "
-        "(plain), 36 (centered+momentum), 16 and 24 with bfloat16 state.",
+        "(plain), 36 (centered+momentum), 16 and 24 with bfloat16 state, 14 and 18 with 8-bit "
+        "state.",
         f"Ratios: medians of {repeats} interleaved rounds. {info['cpu_count']} CPUs, "
         f"jax {info['jax']}, optax {info['optax']}, torch {info['torch']}; {wall_s:.0f} s.",
         f"¹ {CONFIGS[1].note}.",

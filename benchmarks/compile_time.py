@@ -61,7 +61,9 @@ def format_table(rows: list[dict[str, Any]], leaves: dict[str, int]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], leaves: dict[str, int], path: pathlib.Path) -> bool:
-    """Writes the log-log plot to ``path``; False (and no file) without matplotlib."""
+    """Writes the log-log plot to ``path``; False (and no file) without matplotlib or rows."""
+    if not _leaf_rows(rows, leaves):
+        return False
     try:
         import matplotlib
 

@@ -14,7 +14,9 @@ float32). Two
 configurations (:data:`CONFIGS`): ``plain`` (``rmsprop(lr)``) and ``centered+momentum+bias``
 (torch has no bias correction, so it runs centered with momentum only). ``rmsprop_jax bf16
 state`` keeps its statistics in bfloat16 (``nu_dtype`` and friends of
-:func:`rmsprop_jax.rmsprop`, stochastically rounded).
+:func:`rmsprop_jax.rmsprop`, stochastically rounded); ``rmsprop_jax 8-bit state`` in
+``rmsprop_jax.quantized()`` (8-bit codes in blocks of 256 with a float32 scale each, leaves of
+fewer than 4,096 elements kept in float32).
 
 :func:`time_group` times all contenders of one tree and configuration in interleaved rounds
 (A, B, C, A, B, C, ... with the starting contender rotated each round) so that machine noise
@@ -90,24 +92,29 @@ class Config(NamedTuple):
     name: str
     kwargs: dict[str, Any]  # for rmsprop_jax.rmsprop and optax.rmsprop
     bf16_kwargs: dict[str, Any]  # added for the bfloat16-state row
+    q8_kwargs: dict[str, Any]  # added for the 8-bit-state row
     torch_kwargs: dict[str, Any]
     bytes_f32: int  # ideal bytes per float32 parameter and step
     bytes_bf16: int  # the same with bfloat16 state
+    bytes_q8: int  # the same with 8-bit state (a code and 1/64 of a float32 scale per element)
     note: str
 
 
 _BF16 = jnp.bfloat16
+_Q8 = rmsprop_jax.quantized()  # 8 bits, blocks of 256; leaves under 4,096 elements in float32
 CONFIGS = (
     # Reads g, p, nu and writes p, nu.
-    Config("plain", {}, {"nu_dtype": _BF16}, {}, 20, 16, ""),
+    Config("plain", {}, {"nu_dtype": _BF16}, {"nu_dtype": _Q8}, {}, 20, 16, 14, ""),
     # Reads g, p, nu, mu, m and writes p, nu, mu, m.
     Config(
         "centered+momentum+bias",
         {"centered": True, "momentum": 0.9, "bias_correction": True},
         {"nu_dtype": _BF16, "mu_dtype": _BF16, "momentum_dtype": _BF16},
+        {"nu_dtype": _Q8, "mu_dtype": _Q8, "momentum_dtype": _Q8},
         {"centered": True, "momentum": 0.9},
         36,
         24,
+        18,
         "torch has no bias correction: its rows run centered with momentum only",
     ),
 )
@@ -270,6 +277,10 @@ def _contenders(
             lambda: _JaxRunner(ours(**bf16), params, grads),
             config.bytes_bf16,
         ),
+        "rmsprop_jax 8-bit state": (
+            lambda: _JaxRunner(ours(**config.q8_kwargs), params, grads),
+            config.bytes_q8,
+        ),
         "pack_small_leaves": (lambda: _JaxRunner(pack(ours()), params, grads), config.bytes_f32),
         "pack_small_leaves bf16 state": (
             lambda: _JaxRunner(pack(ours(**bf16)), params, grads),
@@ -298,6 +309,7 @@ def _contenders(
 CONTENDER_IDS = {
     "ours": "rmsprop_jax",
     "bf16": "rmsprop_jax bf16 state",
+    "q8": "rmsprop_jax 8-bit state",
     "pack": "pack_small_leaves",
     "pack-bf16": "pack_small_leaves bf16 state",
     "optax": "optax",
