@@ -43,7 +43,8 @@ rmsprop_jax 8-bit centered, momentum 0.9 (all three)   8.17          7.16
 The first quantized implementation, timed beside the current one (21 interleaved rounds,
 medians): 8-bit nu 2.81x -> 1.65x, to nearest 2.54x -> 1.46x, linear 2.79x -> 1.79x,
 centered with momentum and all three statistics 8-bit 20.4x -> 6.8x (float32 2.06x); CPU
-time per step 3.59x -> 1.95x and 24.3x -> 8.3x. ``quantized_costs()`` (100 leaves of
+time per step 3.59x -> 1.95x and 24.3x -> 8.3x. A ragged 4096 x 1000 leaf (a shorter last block),
+8-bit nu: 3.35x -> 1.66x (11 rounds). ``quantized_costs()`` (100 leaves of
 8,192, 5 compilations): state bytes 0.254x float32 (plain and centered+momentum); compile
 2.06 s against 0.23 s (plain, 9.0x) and 8.68 s against 0.55 s (centered+momentum, 15.9x).
 On this CPU the quantized step is bound by arithmetic (about four times a float32 step's
