@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = state_precision.compare(steps=300 if args.quick else 2000)
     quantized_study = state_precision.compare_quantized(steps=300 if args.quick else 2000)
     maps = formulations.map_accuracy(size=2**16 if args.quick else 2**20)
+    quantized_costs = formulations.quantized_costs(
+        leaves=10 if args.quick else 100, repeats=2 if args.quick else 5
+    )
     packings = packing.compare(leaves=100 if args.quick else 1000, repeats=3 if args.quick else 9)
     sizes = packing.compare_sizes(
         (256, 4096) if args.quick else (64, 256, 1024, 2048, 4096, 16384, 65536),
@@ -171,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n\n"
         + formulations.format_map_table(maps)
         + "\n\n"
+        + formulations.format_costs_table(quantized_costs)
+        + "\n\n"
         + runtime_checks.format_table(checks)
     )
     print(report)
@@ -191,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "packing_sizes": sizes,
         "quantized_state_precision": quantized_study,
         "map_accuracy": maps,
+        "quantized_costs": quantized_costs,
     }
     (args.out / "benchmark.json").write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {args.out.resolve()} (table.md, benchmark.json)", file=sys.stderr)
