@@ -163,7 +163,11 @@ def scale_by_centered_rms(
             # (the saturation rule in _numerics).
             saturated = _numerics.is_saturated(stored_nu, new_nu)
             new_mu = _numerics.select(
-                saturated, _numerics.bounded_mean(new_mu, new_nu, step.total_weight), new_mu
+                saturated,
+                _numerics.bounded_mean(
+                    new_mu, _numerics.saturation_value(stored_nu), step.total_weight
+                ),
+                new_mu,
             )
             stored_mu, new_mu = _numerics.store_and_reload(new_mu, mu_how, step.count, salts[1])
             mu_hat, nu_hat = new_mu, new_nu

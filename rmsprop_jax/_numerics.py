@@ -124,31 +124,51 @@ def debias(moment: jax.Array, total_weight: jax.Array) -> jax.Array:
     return clip_finite(moment / divisor)
 
 
+def saturation_value(stored: Stored) -> float:
+    """The value a saturated non-negative statistic has as reloaded: its storage's maximum.
+
+    An array saturates at its own dtype's largest finite value; a quantized leaf at
+    ``float32``'s, which is where its codes decode to at most.
+    """
+    if isinstance(stored, _quantized.QuantizedArray):
+        return float(jnp.finfo(jnp.float32).max)
+    return float(jnp.finfo(stored.dtype).max)
+
+
 def is_saturated(stored: Stored, reloaded: jax.Array) -> jax.Array:
     """Whether a non-negative statistic sits at the largest finite value of its storage.
 
     ``stored`` is the statistic as stored and ``reloaded`` the same values widened
     (:func:`store_and_reload`): an array is saturated at its own dtype's maximum, a
-    quantized one where it decodes to ``float32``'s.
+    quantized one where it decodes to ``float32``'s (:func:`saturation_value`).
     """
     if isinstance(stored, _quantized.QuantizedArray):
-        return reloaded >= jnp.asarray(jnp.finfo(jnp.float32).max, reloaded.dtype)
+        return reloaded >= jnp.asarray(saturation_value(stored), reloaded.dtype)
     return stored >= jnp.finfo(stored.dtype).max
 
 
-def bounded_mean(mu: jax.Array, nu: jax.Array, total_weight: jax.Array) -> jax.Array:
-    r""":math:`\mu` scaled down where needed so that :math:`|\mu|^2 \le w\,\nu`.
+def bounded_mean(mu: jax.Array, saturated_nu: float, total_weight: jax.Array) -> jax.Array:
+    r""":math:`\mu` brought within :math:`|\mu| \le b = \sqrt{w\,\nu}` where :math:`\nu` saturated.
 
-    The moving averages keep this bound exactly (Cauchy-Schwarz over the samples'
-    weights, which sum to :math:`w = 1 - \prod_i \rho_i`). A saturated :math:`\nu` has
-    lost mass that :math:`\mu` still has; bringing :math:`\mu` back within the bound
-    keeps the variances of later steps non-negative in exact arithmetic, instead of
-    clamping them to zero (an update of :math:`g/\sqrt{\epsilon}`) until :math:`|\mu|^2`
-    decays below :math:`\nu`. :math:`\mu` is first clipped to its dtype's range, so an
-    infinite :math:`\mu` gives a finite result.
+    The moving averages keep the bound :math:`|\mu|^2 \le w\,\nu` exactly
+    (Cauchy-Schwarz over the samples' weights, which sum to
+    :math:`w = 1 - \prod_i \rho_i`). A saturated :math:`\nu` has lost mass that
+    :math:`\mu` still has; bringing :math:`\mu` back within the bound keeps the
+    variances of later steps non-negative in exact arithmetic, instead of clamping them
+    to zero (an update of :math:`g/\sqrt{\epsilon}`) until :math:`|\mu|^2` decays below
+    :math:`\nu`. The caller uses the result only where :math:`\nu` saturated, where it
+    is ``saturated_nu`` (:func:`saturation_value`), so the bound :math:`b` is one number
+    per step: a real :math:`\mu` is clamped to :math:`[-b, b]` (an infinite one too), a
+    complex one scaled to magnitude :math:`b` keeping its phase. No square root or
+    division per element, which every step would pay for the rare saturated one.
     """
+    real = jnp.finfo(mu.dtype).dtype
+    bound = jnp.sqrt(total_weight.astype(real) * jnp.asarray(saturated_nu, real))
+    if not jnp.iscomplexobj(mu):
+        big = jax.lax.full_like(mu, bound)
+        low = jax.lax.neg(big)
+        return jax.lax.select(mu > big, big, jax.lax.select(mu < low, low, mu))
     mu = clip_finite(mu)
-    bound = jnp.sqrt(total_weight.astype(nu.dtype) * nu)
     magnitude = jnp.abs(mu)
     over = magnitude > bound
     scale = select(over, bound / select(over, magnitude, 1), 1)
