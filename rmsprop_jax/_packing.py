@@ -146,20 +146,23 @@ def _unpack(packed: PackedTree, layout: PackLayout, like: Sequence[Any]) -> list
     return out
 
 
-def _leaves_of(tree: Any, treedef: Any, layout: PackLayout, name: str) -> list[Any]:
-    """The leaves of ``tree`` in the layout's order, or an error naming ``name``."""
+def _leaves_of(tree: Any, treedef: Any, name: str) -> list[Any]:
+    """The leaves of ``tree`` flattened like the updates, or an error naming ``name``."""
     try:
-        leaves = treedef.flatten_up_to(tree)
+        return treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as error:
         raise ValueError(
             f"pack_small_leaves: `{name}` must have the structure of the updates: {error}"
         ) from None
+
+
+def _check_count(leaves: Sequence[Any], layout: PackLayout, name: str) -> None:
+    """An error naming ``name`` unless there is one leaf per entry of the layout."""
     if len(leaves) != len(layout.groups):
         raise ValueError(
             f"pack_small_leaves: `{name}` has {len(leaves)} leaves, the state was made "
             f"for a tree of {len(layout.groups)}."
         )
-    return leaves
 
 
 def pack_small_leaves(
@@ -254,10 +257,10 @@ def pack_small_leaves(
     ) -> tuple[optax.Updates, PackSmallLeavesState]:
         layout = state.layout
         leaves, treedef = jax.tree.flatten(updates)
-        leaves = _leaves_of(updates, treedef, layout, "updates")
+        _check_count(leaves, layout, "updates")
         packed_params = None
         if params is not None:
-            packed_params = _pack(_leaves_of(params, treedef, layout, "params"), layout, "params")
+            packed_params = _pack(_leaves_of(params, treedef, "params"), layout, "params")
         packed, inner_state = inner.update(
             _pack(leaves, layout, "updates"), state.inner_state, packed_params, **extra_args
         )
