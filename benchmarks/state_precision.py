@@ -124,7 +124,6 @@ def compare(
     }
     curves = {name: _train(tx, x, y, batches, seed) for name, tx in variants.items()}
     reference = curves["float32 state"]
-    tail = max(1, steps // 10)
     results: dict[str, Any] = {
         "steps": steps,
         "decay": decay,
@@ -132,16 +131,7 @@ def compare(
         "batch": batch,
     }
     for name, curve in curves.items():
-        deviation = np.abs(curve - reference) / reference
-        results[name] = {
-            "curve": curve.tolist(),
-            "final_loss": float(curve[-1]),
-            "max_relative_deviation": float(deviation.max()),
-            "median_relative_deviation": float(np.median(deviation)),
-            "tail_mean_relative_deviation": float(
-                abs(curve[-tail:].mean() - reference[-tail:].mean()) / reference[-tail:].mean()
-            ),
-        }
+        results[name] = {"curve": curve.tolist(), **_deviations(curve, reference)}
     return results
 
 

@@ -121,6 +121,19 @@ def _not_built(caller: str) -> ValueError:
     )
 
 
+def _slot_lists(optimizer: Any, hyper: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's per-variable slot lists that hold state, by statistic name.
+
+    ``velocities`` always; ``average_gradients`` when centered; ``momentums`` with momentum.
+    """
+    slots = {"nu": optimizer._velocities}
+    if hyper["centered"]:
+        slots["mu"] = optimizer._average_gradients
+    if hyper["momentum"] > 0:
+        slots["trace"] = optimizer._momentums
+    return slots
+
+
 def from_keras(
     optimizer: Any, params: optax.Params, keras_variables: Any, convert: Convert | None
 ) -> tuple[optax.GradientTransformation, optax.OptState]:
@@ -131,11 +144,7 @@ def from_keras(
         raise _not_built("from_keras")
     leaves = st.leaves_of(params)
     indices = _slots(keras, "from_keras", optimizer, leaves, keras_variables)
-    slots = {"nu": optimizer._velocities}
-    if hyper["centered"]:
-        slots["mu"] = optimizer._average_gradients
-    if hyper["momentum"] > 0:
-        slots["trace"] = optimizer._momentums
+    slots = _slot_lists(optimizer, hyper)
     variables = st.match_structure(leaves, keras_variables, "keras_variables")
     statistics: dict[str, list[np.ndarray | None]] = {}
     for field, slot in slots.items():
@@ -177,11 +186,7 @@ def to_keras(
     if not optimizer.built:
         optimizer.build(variables)
     indices = _slots(keras, "to_keras", optimizer, leaves, keras_variables)
-    slots = {"nu": optimizer._velocities}
-    if hyper["centered"]:
-        slots["mu"] = optimizer._average_gradients
-    if hyper["momentum"] > 0:
-        slots["trace"] = optimizer._momentums
+    slots = _slot_lists(optimizer, hyper)
     writes = []
     for field, slot in slots.items():
         for path, index, variable, leaf, array in zip(
