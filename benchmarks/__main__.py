@@ -120,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch is not None:
             torch.set_num_threads(previous_threads)
     study = state_precision.compare(steps=300 if args.quick else 2000)
-    quantized_study = state_precision.compare_quantized(steps=300 if args.quick else 2000)
+    quantized_study = state_precision.compare_quantized(
+        steps=300 if args.quick else 2000, seeds=(0,) if args.quick else (0, 1)
+    )
     maps = formulations.map_accuracy(size=2**16 if args.quick else 2**20)
     quantized_costs = formulations.quantized_costs(
         leaves=10 if args.quick else 100, repeats=2 if args.quick else 5
