@@ -77,25 +77,6 @@ def _init_mlp(seed: int, features: int, hidden: int, classes: int) -> dict[str, 
     }
 
 
-def _train(
-    tx: optax.GradientTransformation, x: jax.Array, y: jax.Array, batches: jax.Array, seed: int
-) -> np.ndarray:
-    """The full training-set loss after each step."""
-
-    @jax.jit
-    def run(params: dict[str, jax.Array]) -> jax.Array:
-        def step(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
-            params, state = carry
-            grads = jax.grad(_mlp_loss)(params, x[idx], y[idx])
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, state), _mlp_loss(params, x, y)
-
-        return jax.lax.scan(step, (params, tx.init(params)), batches)[1]
-
-    return np.asarray(run(_init_mlp(seed, x.shape[1], 64, 10)), dtype=np.float64)
-
-
 def compare(
     steps: int = 2000,
     decay: float = 0.999,
@@ -122,7 +103,8 @@ def compare(
         ),
         "bfloat16, round to nearest": nearest_rounding_rmsprop(learning_rate, decay, eps),
     }
-    curves = {name: _train(tx, x, y, batches, seed) for name, tx in variants.items()}
+    params = _init_mlp(seed, x.shape[1], 64, 10)
+    curves = {name: _curve(_mlp_loss, params, tx, x, y, batches) for name, tx in variants.items()}
     reference = curves["float32 state"]
     results: dict[str, Any] = {
         "steps": steps,
@@ -199,6 +181,8 @@ def _curve(
     y: jax.Array,
     batches: jax.Array,
 ) -> np.ndarray:
+    """The full training-set loss after each mini-batch step of ``tx`` from ``params``."""
+
     @jax.jit
     def run(params: Any) -> jax.Array:
         def step(carry: Any, idx: jax.Array) -> tuple[Any, jax.Array]:
