@@ -59,7 +59,6 @@ from rmsprop_jax import _opaque, _rounding
 SUPPORTED_BITS = (8,)
 CODE_MAPS = ("float", "linear")
 _F32 = jnp.dtype(jnp.float32)
-_ONE_BITS = 0x3F800000  # the bit pattern of float32 1.0
 _MAX_BITS = 0x7F7FFFFF  # the bit pattern of float32's largest finite value
 _SIGN_BIT = np.uint32(0x80000000)
 # The smallest positive value a positive code decodes to: the smallest normal float32
@@ -467,19 +466,20 @@ def quantize(
         # equal to the discarded fraction (or to nearest, with half a unit). A value just
         # below a segment's lowest rounds up to it in the segment below (the same code),
         # and y <= 1 keeps the code at most ``top``.
-        code = None
-        for segment in reversed(_segments(signed)):
+        def segment_code(segment: _Segment) -> jax.Array:
             if bits is None:
                 noise = jnp.full_like(raw, 1 << (segment.shift - 1))
             else:
                 noise = bits >> np.uint32(32 - segment.shift)
             rounded = ((raw + noise) >> np.uint32(segment.shift)).astype(jnp.int32)
-            in_segment = rounded - np.int32(segment.offset)
-            if code is None:
-                code = in_segment
-            else:
-                code = jax.lax.select(y >= np.float32(2.0**-segment.binade), in_segment, code)
-        assert code is not None
+            return rounded - np.int32(segment.offset)
+
+        *higher, lowest = _segments(signed)
+        code = segment_code(lowest)
+        for segment in reversed(higher):
+            code = jax.lax.select(
+                y >= np.float32(2.0**-segment.binade), segment_code(segment), code
+            )
         if signed:
             # Below the smallest positive code: round between 0 and it.
             if bits is None:
